@@ -1,0 +1,22 @@
+VENV ?= .venv
+export VENV
+
+.PHONY: run test lint bench-density
+
+# Install into a local virtual environment and run the main job on a built-in example.
+run:
+	bash scripts/setup-venv.sh
+	$(VENV)/bin/pyro-cwm fit-density --example moons --out runs/moons
+
+# Install with the development tools and run the test suite and the linter.
+test:
+	bash scripts/setup-venv.sh dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -n 2 -q
+
+lint:
+	$(VENV)/bin/ruff check .
+
+bench-density:
+	bash scripts/setup-venv.sh dev
+	$(VENV)/bin/python -m inference.bench.density

@@ -1,0 +1,11 @@
+"""pyro-cwm: Classifier Weighted Mixtures and other mixture models for Pyro.
+
+``pyro_cwm`` holds what is modelled (distributions, modules, Pyro models, guides); the
+``inference`` package holds how it is fitted (SVI and EM loops, diagnostics, command line).
+"""
+
+from pyro_cwm.distributions import ClassifierWeightedMixture
+from pyro_cwm.nn import CWM
+
+__all__ = ["CWM", "ClassifierWeightedMixture"]
+__version__ = "0.1.0"

@@ -1,0 +1,13 @@
+"""Built-in data sets and targets (generated or shipped; nothing is downloaded)."""
+
+from pyro_cwm.data.images import LogitTransform, pixel_density_sample
+from pyro_cwm.data.toy import EXAMPLES, make_example, ring_of_gaussians, two_moons
+
+__all__ = [
+    "EXAMPLES",
+    "LogitTransform",
+    "make_example",
+    "pixel_density_sample",
+    "ring_of_gaussians",
+    "two_moons",
+]

@@ -1,0 +1,60 @@
+"""Small synthetic data sets for examples and tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pyro_cwm.nn.checks import check_positive_int
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    return torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+
+
+def two_moons(num_points: int, noise: float = 0.1, seed: int | None = None) -> Tensor:
+    """Two interleaved half circles in 2-D with Gaussian noise of sd ``noise``: (N, 2)."""
+    check_positive_int("num_points", num_points)
+    g = _generator(seed)
+    upper = torch.rand(num_points, generator=g) < 0.5
+    angle = math.pi * torch.rand(num_points, generator=g)
+    x = torch.where(upper, torch.cos(angle), 1 - torch.cos(angle))
+    y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
+    return torch.stack((x, y), -1) + noise * torch.randn(num_points, 2, generator=g)
+
+
+def ring_of_gaussians(
+    num_points: int,
+    num_modes: int = 8,
+    radius: float = 4.0,
+    scale: float = 0.3,
+    seed: int | None = None,
+) -> Tensor:
+    """An equal-weight mixture of ``num_modes`` isotropic Gaussians on a circle: (N, 2)."""
+    check_positive_int("num_points", num_points)
+    check_positive_int("num_modes", num_modes)
+    g = _generator(seed)
+    k = torch.randint(num_modes, (num_points,), generator=g)
+    angle = 2 * math.pi * k / num_modes
+    centers = radius * torch.stack((torch.cos(angle), torch.sin(angle)), -1)
+    return centers + scale * torch.randn(num_points, 2, generator=g)
+
+
+EXAMPLES: dict[str, Callable[..., Tensor]] = {
+    "moons": two_moons,
+    "ring": ring_of_gaussians,
+}
+
+
+def make_example(name: str, num_points: int, seed: int | None = None) -> Tensor:
+    """Draw ``num_points`` from the built-in example ``name`` (one of ``EXAMPLES``).
+
+    Raises:
+        ValueError: if ``name`` is unknown.
+    """
+    if name not in EXAMPLES:
+        raise ValueError(f"example must be one of {sorted(EXAMPLES)}, got {name!r}")
+    return EXAMPLES[name](num_points, seed=seed)

@@ -1,0 +1,157 @@
+r"""The Classifier Weighted Mixture distribution.
+
+With a reference q on R^d, K invertible maps T_k and a classifier w: R^d -> simplex,
+
+- sample: :math:`z \sim q,\ k \sim \mathrm{Categorical}(w(z)),\ x = T_k(z)`;
+- density: :math:`p(x) = \sum_k q(z_k)\, w_k(z_k)\, |\det \partial T_k^{-1}/\partial x|`,
+  with :math:`z_k = T_k^{-1}(x)`. It integrates to one because the weights sum to one at
+  every z; a constant w gives the plain mixture of the K push-forwards of q.
+- component posterior: :math:`v_k(x) \propto q(z_k) w_k(z_k) |\det J_k|`.
+
+With a context c the maps and the classifier take c as a second input; the distribution's
+batch shape is then ``context.shape[:-1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Categorical, TorchDistribution, constraints
+from torch import Size, Tensor, nn
+
+
+class ClassifierWeightedMixture(TorchDistribution):
+    """A mixture whose weights are a classifier evaluated in the reference space.
+
+    Args:
+        reference: the reference distribution q, event shape (d,), batch shape ().
+        maps: a K-vectorized maps module (see :mod:`pyro_cwm.nn.maps`) with ``forward`` and
+            ``inverse``; it is held, not copied.
+        classifier: a module ``(z, context) -> log-weights (..., K)``.
+        context: optional context, shape (*batch_shape, context_dim), required when the maps
+            or the classifier are conditional.
+        validate_args: as in ``torch.distributions``.
+
+    Raises:
+        ValueError: if the parts disagree on d, K or the context dimension, or the context
+            is missing, superfluous or of the wrong size.
+
+    Note:
+        The component choice is discrete, so ``has_rsample`` is False: a reparameterized
+        sample cannot carry the gradient of the classifier. The Rao-Blackwellized ELBO
+        sums the choice out using :meth:`rsample_components`.
+    """
+
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(
+        self,
+        reference: torch.distributions.Distribution,
+        maps: nn.Module,
+        classifier: nn.Module,
+        context: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        dim, num_components = maps.dim, maps.num_components
+        if tuple(reference.event_shape) != (dim,) or tuple(reference.batch_shape) != ():
+            raise ValueError(
+                f"reference must have event_shape ({dim},) and batch_shape (), got "
+                f"{tuple(reference.event_shape)} and {tuple(reference.batch_shape)}"
+            )
+        if classifier.num_components != num_components:
+            raise ValueError(
+                f"classifier has {classifier.num_components} classes but maps has "
+                f"{num_components} components"
+            )
+        context_dim = max(maps.context_dim, classifier.context_dim)
+        if context_dim and context is None:
+            raise ValueError(
+                f"context is required: this CWM is conditional on {context_dim} features"
+            )
+        if context is not None:
+            if not context_dim:
+                raise ValueError("context was given but this CWM is unconditional (context_dim=0)")
+            if not isinstance(context, Tensor):
+                raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+            if context.dim() == 0 or context.shape[-1] != context_dim:
+                raise ValueError(
+                    f"context must have shape (..., {context_dim}), got {tuple(context.shape)}"
+                )
+        self.reference, self.maps, self.classifier, self.context = (
+            reference,
+            maps,
+            classifier,
+            context,
+        )
+        batch_shape = context.shape[:-1] if context is not None else Size()
+        super().__init__(batch_shape, Size((dim,)), validate_args=validate_args)
+
+    @property
+    def arg_constraints(self) -> dict[str, constraints.Constraint]:
+        return {} if self.context is None else {"context": constraints.real_vector}
+
+    @property
+    def num_components(self) -> int:
+        return self.maps.num_components
+
+    def expand(self, batch_shape, _instance=None) -> ClassifierWeightedMixture:
+        new = self._get_checked_instance(ClassifierWeightedMixture, _instance)
+        batch_shape = Size(batch_shape)
+        new.reference, new.maps, new.classifier = self.reference, self.maps, self.classifier
+        new.context = None
+        if self.context is not None:
+            new.context = self.context.expand(batch_shape + self.context.shape[-1:])
+        super(ClassifierWeightedMixture, new).__init__(
+            batch_shape, self.event_shape, validate_args=False
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    def _component_context(self) -> Tensor | None:
+        # The classifier is evaluated at K latent points per x: the context gets a K axis.
+        return None if self.context is None else self.context.unsqueeze(-2)
+
+    def joint_log_probs(self, value: Tensor) -> Tensor:
+        """``log q(z_k) + log w_k(z_k) + log|det dT_k^{-1}/dx|`` for every k: shape (..., K).
+
+        Their logsumexp over k is ``log_prob(value)``; normalized, the component posterior.
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+            if not torch.isfinite(value).all():
+                raise ValueError("value must be finite: it contains inf")
+        z, ladj = self.maps.inverse(value, self.context)
+        log_w = self.classifier(z, self._component_context()).diagonal(dim1=-2, dim2=-1)
+        return self.reference.log_prob(z) + log_w + ladj
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """Log-density of ``value`` (..., d); returns shape ``broadcast(value[:-1], batch)``."""
+        log_p = torch.logsumexp(self.joint_log_probs(value), dim=-1)
+        return log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
+
+    def component_log_probs(self, value: Tensor) -> Tensor:
+        """Log of the component posterior v_k(x), normalized over the last dim (..., K)."""
+        log_v = self.joint_log_probs(value)
+        log_v = log_v - torch.logsumexp(log_v, dim=-1, keepdim=True)
+        return log_v.expand(torch.broadcast_shapes(log_v.shape[:-1], self.batch_shape) + (-1,))
+
+    def rsample_components(self, sample_shape=Size()) -> tuple[Tensor, Tensor]:
+        """Reparameterized draws of every component's image and the classifier's weights.
+
+        Draws ``z ~ q`` with shape ``sample_shape + batch_shape`` and returns
+        ``(x, log_w)``: ``x[..., k, :] = T_k(z)``, shape ``(*sample, *batch, K, d)``, and
+        ``log_w = log w(z)``, shape ``(*sample, *batch, K)``. Both are differentiable in the
+        parameters of the maps and the classifier; the Rao-Blackwellized ELBO weights a
+        function of ``x[..., k, :]`` by ``w_k(z)`` and sums over k.
+        """
+        shape = self._extended_shape(sample_shape)[:-1]
+        z = self.reference.rsample(shape)
+        return self.maps(z, self.context), self.classifier(z, self.context)
+
+    def sample(self, sample_shape=Size()) -> Tensor:
+        """Draw ``x = T_k(z)``, ``z ~ q``, ``k ~ Categorical(w(z))``: shape (*sample, *batch, d)."""
+        with torch.no_grad():
+            x, log_w = self.rsample_components(sample_shape)
+            k = Categorical(logits=log_w).sample()
+            index = k[..., None, None].expand(*k.shape, 1, x.shape[-1])
+            return x.gather(-2, index).squeeze(-2)

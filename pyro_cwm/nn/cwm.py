@@ -1,0 +1,111 @@
+"""The CWM module: owns a CWM's parameters and returns the distribution when called."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pyro.distributions import Normal
+from torch import Tensor, nn
+
+from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
+from pyro_cwm.nn.checks import check_hidden_dims, check_positive_int
+from pyro_cwm.nn.classifiers import SoftmaxClassifier
+from pyro_cwm.nn.maps import build_maps
+
+
+class CWM(nn.Module):
+    """A Classifier Weighted Mixture with reference N(0, I_d), K maps and a softmax MLP.
+
+    Call it to get the distribution: ``cwm()`` for the unconditional CWM, ``cwm(context)``
+    (context of shape (..., context_dim)) for p(x | context), whose batch shape is
+    ``context.shape[:-1]``.
+
+    Args:
+        dim: dimension d of the data.
+        num_components: number of components K.
+        hidden_dims: hidden widths of the classifier (and of the context networks of
+            conditional maps, unless ``map_options`` says otherwise).
+        map: ``"location_scale"`` (diagonal), ``"affine"`` (lower-triangular scale) or
+            ``"flow"`` (a conditional spline flow shared by the K maps).
+        context_dim: dimension of the context; 0 for an unconditional CWM.
+        map_options: keyword arguments of the maps family (see :mod:`pyro_cwm.nn.maps`).
+
+    Initially the classifier is constant (uniform weights) and the maps are the identity;
+    :meth:`set_gaussian_mixture` (used by EM pretraining) sets a diagonal Gaussian mixture.
+
+    Raises:
+        ValueError, TypeError: for a non-positive dimension, K < 1 or an unknown map.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_components: int,
+        hidden_dims: Sequence[int] = (64,),
+        map: str = "location_scale",
+        context_dim: int = 0,
+        map_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.num_components = check_positive_int("num_components", num_components)
+        self.context_dim = check_positive_int("context_dim", context_dim, allow_zero=True)
+        self.hidden_dims = check_hidden_dims(hidden_dims)
+        self.map = map
+        self.map_options = dict(map_options or {})
+        options = {"hidden_dims": self.hidden_dims, **self.map_options}
+        self.maps = build_maps(map, dim, num_components, context_dim, **options)
+        self.classifier = SoftmaxClassifier(dim, num_components, self.hidden_dims, context_dim)
+        self.register_buffer("reference_loc", torch.zeros(dim))
+        self.register_buffer("reference_scale", torch.ones(dim))
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, to rebuild the module with ``CWM(**config)``."""
+        return {
+            "dim": self.dim,
+            "num_components": self.num_components,
+            "hidden_dims": list(self.hidden_dims),
+            "map": self.map,
+            "context_dim": self.context_dim,
+            "map_options": self.map_options,
+        }
+
+    def reference(self) -> torch.distributions.Distribution:
+        """The reference N(0, I_d) on the module's device and dtype."""
+        return Normal(self.reference_loc, self.reference_scale).to_event(1)
+
+    def forward(self, context: Tensor | None = None) -> ClassifierWeightedMixture:
+        """The distribution ``p(x)``, or ``p(x | context)`` for a context (..., context_dim)."""
+        if context is not None and isinstance(context, Tensor):
+            context = context.to(self.reference_loc.dtype)
+        return ClassifierWeightedMixture(self.reference(), self.maps, self.classifier, context)
+
+    def set_gaussian_mixture(self, weights: Tensor, loc: Tensor, scale: Tensor) -> None:
+        """Make the CWM equal the diagonal Gaussian mixture ``sum_k w_k N(loc_k, diag scale_k^2)``.
+
+        The classifier becomes constant (last layer zero, bias log weights) and every map
+        the location-scale map ``z -> loc_k + scale_k z``, independent of any context.
+
+        Args:
+            weights: mixture weights, shape (K,), positive (normalized here).
+            loc: component means, shape (K, d).
+            scale: component standard deviations, shape (K, d), positive.
+
+        Raises:
+            ValueError: for wrong shapes, non-finite values, non-positive weights or scales.
+        """
+        param = self.reference_loc
+        weights, loc, scale = (
+            torch.as_tensor(t).to(device=param.device, dtype=param.dtype)
+            for t in (weights, loc, scale)
+        )
+        if weights.shape != (self.num_components,):
+            raise ValueError(
+                f"weights must have shape ({self.num_components},), got {tuple(weights.shape)}"
+            )
+        if not (torch.isfinite(weights).all() and (weights > 0).all()):
+            raise ValueError("weights must be positive and finite")
+        self.maps.set_location_scale(loc, scale)
+        self.classifier.set_constant(weights.log() - weights.sum().log())

@@ -1,0 +1,264 @@
+"""Invertible maps T_1..T_K of a CWM, each family vectorized over the K components.
+
+Every family is a module with
+
+- ``forward(z, context=None) -> x``: all K images ``x_k = T_k(z)``; z (..., d) -> (..., K, d);
+- ``inverse(x, context=None) -> (z, ladj)``: all K pre-images ``z_k = T_k^{-1}(x)``, shape
+  (..., K, d), and ``ladj_k = log |det dT_k^{-1}/dx (x)|``, shape (..., K);
+- ``set_location_scale(loc, scale)``: make every T_k the diagonal affine map
+  ``z -> loc_k + scale_k * z`` (and, if conditional, independent of the context), used to copy
+  an EM-fitted diagonal Gaussian mixture into a CWM.
+
+The leading dimensions of the input and of the optional context (..., c) broadcast. The K
+components are one extra tensor dimension, never a Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import zuko
+from torch import Tensor, nn
+
+from pyro_cwm.nn.checks import check_hidden_dims, check_positive_int, join_context
+from pyro_cwm.nn.classifiers import mlp
+
+
+class ComponentParams(nn.Module):
+    """Per-component parameter vectors, shape (K, m), free or produced from a context.
+
+    Unconditional (``context_dim == 0``): a free parameter of shape (K, m).
+    Conditional: an MLP ``context (..., c) -> (..., K, m)``.
+    """
+
+    def __init__(
+        self,
+        num_components: int,
+        size: int,
+        context_dim: int = 0,
+        hidden_dims: Sequence[int] = (64,),
+    ) -> None:
+        super().__init__()
+        self.num_components, self.size, self.context_dim = num_components, size, context_dim
+        if context_dim == 0:
+            self.value = nn.Parameter(torch.zeros(num_components, size))
+        else:
+            self.net = mlp(context_dim, num_components * size, hidden_dims)
+
+    def forward(self, context: Tensor | None = None) -> Tensor:
+        if self.context_dim == 0:
+            return self.value
+        return self.net(context).unflatten(-1, (self.num_components, self.size))
+
+    @torch.no_grad()
+    def set_constant(self, value: Tensor) -> None:
+        """Make the parameters equal ``value`` (K, m) for every context."""
+        if self.context_dim == 0:
+            self.value.copy_(value)
+        else:
+            last = self.net[-1]
+            last.weight.zero_()
+            last.bias.copy_(value.reshape(-1))
+
+
+class ComponentMaps(nn.Module):
+    """Base class of the K-vectorized invertible maps (see the module docstring)."""
+
+    def __init__(self, dim: int, num_components: int, context_dim: int = 0) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.num_components = check_positive_int("num_components", num_components)
+        self.context_dim = check_positive_int("context_dim", context_dim, allow_zero=True)
+
+    def _check_loc_scale(self, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (self.num_components, self.dim)
+        loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
+        for name, value in (("loc", loc), ("scale", scale)):
+            if value.shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} must be finite")
+        if not (scale > 0).all():
+            raise ValueError("scale must be positive")
+        return loc, scale
+
+
+class LocationScaleMaps(ComponentMaps):
+    """Diagonal location-scale maps ``T_k(z) = loc_k + exp(log_scale_k) * z``.
+
+    With ``context_dim > 0``, loc and log-scale are an MLP of the context (the seed's
+    conditional CWM). Initialized at the identity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_components: int,
+        context_dim: int = 0,
+        hidden_dims: Sequence[int] = (64,),
+    ) -> None:
+        super().__init__(dim, num_components, context_dim)
+        self.params = ComponentParams(
+            num_components, 2 * dim, context_dim, check_hidden_dims(hidden_dims)
+        )
+        self.params.set_constant(torch.zeros(num_components, 2 * dim))
+
+    def loc_log_scale(self, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Locations and log-scales, each of shape (..., K, d)."""
+        return self.params(context).chunk(2, dim=-1)
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        loc, log_scale = self.loc_log_scale(context)
+        return loc + log_scale.exp() * z.unsqueeze(-2)
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        loc, log_scale = self.loc_log_scale(context)
+        z = (x.unsqueeze(-2) - loc) * torch.exp(-log_scale)
+        ladj = -log_scale.sum(-1)
+        return z, ladj.expand(z.shape[:-1])
+
+    def set_location_scale(self, loc: Tensor, scale: Tensor) -> None:
+        loc, scale = self._check_loc_scale(loc, scale)
+        self.params.set_constant(torch.cat((loc, scale.log()), dim=-1))
+
+
+class AffineMaps(ComponentMaps):
+    """Full affine maps ``T_k(z) = loc_k + L_k z`` with ``L_k`` lower triangular.
+
+    The diagonal of ``L_k`` is ``exp`` of a free parameter (so ``L_k`` is invertible); the
+    push-forward of N(0, I) is N(loc_k, L_k L_k^T): a full-covariance component.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_components: int,
+        context_dim: int = 0,
+        hidden_dims: Sequence[int] = (64,),
+    ) -> None:
+        super().__init__(dim, num_components, context_dim)
+        self.register_buffer("_tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
+        size = 2 * dim + self._tril.shape[1]
+        self.params = ComponentParams(
+            num_components, size, context_dim, check_hidden_dims(hidden_dims)
+        )
+        self.params.set_constant(torch.zeros(num_components, size))
+
+    def loc_log_diag_tril(self, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Locations (..., K, d), log-diagonal (..., K, d) and scale matrices (..., K, d, d)."""
+        d = self.dim
+        theta = self.params(context)
+        loc, log_diag, off = theta[..., :d], theta[..., d : 2 * d], theta[..., 2 * d :]
+        scale_tril = torch.diag_embed(log_diag.exp())
+        if off.shape[-1]:
+            strict = scale_tril.new_zeros(scale_tril.shape)
+            strict[..., self._tril[0], self._tril[1]] = off
+            scale_tril = scale_tril + strict
+        return loc, log_diag, scale_tril
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        loc, _, scale_tril = self.loc_log_diag_tril(context)
+        return loc + (scale_tril @ z.unsqueeze(-2).unsqueeze(-1)).squeeze(-1)
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        loc, log_diag, scale_tril = self.loc_log_diag_tril(context)
+        diff = (x.unsqueeze(-2) - loc).unsqueeze(-1)
+        shape = torch.broadcast_shapes(diff.shape[:-2], scale_tril.shape[:-2])
+        z = torch.linalg.solve_triangular(
+            scale_tril.expand(*shape, self.dim, self.dim),
+            diff.expand(*shape, self.dim, 1),
+            upper=False,
+        ).squeeze(-1)
+        return z, (-log_diag.sum(-1)).expand(z.shape[:-1])
+
+    def set_location_scale(self, loc: Tensor, scale: Tensor) -> None:
+        loc, scale = self._check_loc_scale(loc, scale)
+        off = torch.zeros(self.num_components, self._tril.shape[1], dtype=loc.dtype)
+        self.params.set_constant(torch.cat((loc, scale.log(), off), dim=-1))
+
+
+class FlowMaps(ComponentMaps):
+    """Flow maps ``T_k(z) = loc_k + scale_k * G^{-1}(z; k, c)``.
+
+    One conditional neural spline flow G (zuko's coupling NSF), whose context is the one-hot
+    component index k (and the CWM context c), serves all K maps; a location-scale layer
+    places each component. The flow's output layers start at zero, so G starts as the
+    identity and the CWM starts as its location-scale counterpart.
+
+    Args:
+        transforms: number of spline coupling transforms in G.
+        bins: number of spline bins.
+        flow_hidden_dims: hidden widths of G's conditioner networks.
+        hidden_dims: hidden widths of the context network of the location-scale layer.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_components: int,
+        context_dim: int = 0,
+        hidden_dims: Sequence[int] = (64,),
+        transforms: int = 2,
+        bins: int = 8,
+        flow_hidden_dims: Sequence[int] = (64, 64),
+    ) -> None:
+        super().__init__(dim, num_components, context_dim)
+        self.location_scale = LocationScaleMaps(dim, num_components, context_dim, hidden_dims)
+        self.flow = zuko.flows.NSF(
+            features=dim,
+            context=num_components + context_dim,
+            transforms=check_positive_int("transforms", transforms),
+            bins=check_positive_int("bins", bins),
+            hidden_features=check_hidden_dims(flow_hidden_dims, "flow_hidden_dims"),
+            passes=2,
+        ).transform
+        self.reset_flow()
+
+    @torch.no_grad()
+    def reset_flow(self) -> None:
+        """Make G the identity (zero output layers of its conditioners)."""
+        for t in self.flow.transforms:
+            t.hyper[-1].weight.zero_()
+            t.hyper[-1].bias.zero_()
+
+    def _flow_context(self, like: Tensor, context: Tensor | None) -> Tensor:
+        onehot = torch.eye(self.num_components, dtype=like.dtype, device=like.device)
+        if context is None:
+            return onehot
+        return join_context(onehot, context.unsqueeze(-2))
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        transform = self.flow(self._flow_context(z, context))
+        u = transform.inv(z.unsqueeze(-2).expand(*z.shape[:-1], self.num_components, self.dim))
+        loc, log_scale = self.location_scale.loc_log_scale(context)
+        return loc + log_scale.exp() * u
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        u, ladj_affine = self.location_scale.inverse(x, context)
+        z, ladj_flow = self.flow(self._flow_context(x, context)).call_and_ladj(u)
+        return z, ladj_affine + ladj_flow
+
+    def set_location_scale(self, loc: Tensor, scale: Tensor) -> None:
+        self.location_scale.set_location_scale(loc, scale)
+        self.reset_flow()
+
+
+MAPS: dict[str, type[ComponentMaps]] = {
+    "location_scale": LocationScaleMaps,
+    "affine": AffineMaps,
+    "flow": FlowMaps,
+}
+
+
+def build_maps(
+    kind: str, dim: int, num_components: int, context_dim: int = 0, **options
+) -> ComponentMaps:
+    """Build the maps family ``kind`` (one of ``MAPS``).
+
+    Raises:
+        ValueError: if ``kind`` is unknown.
+    """
+    if kind not in MAPS:
+        raise ValueError(f"map must be one of {sorted(MAPS)}, got {kind!r}")
+    return MAPS[kind](dim, num_components, context_dim, **options)

@@ -1,0 +1,269 @@
+"""The CWM distribution against independent references: quadrature, torch's mixtures, scipy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+from torch.distributions import (
+    Categorical,
+    Independent,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+)
+
+from pyro_cwm import CWM, ClassifierWeightedMixture
+from pyro_cwm.nn import ConstantWeights, build_maps
+from tests.helpers import MAP_KINDS, binned_goodness_of_fit, random_cwm
+
+GOF_THRESHOLD = 1e-3  # spurious failure rate of a good sampler
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+def test_density_integrates_to_one_1d(map):
+    dist = random_cwm(1, 3, map)()
+    if map != "flow":
+        value, _ = integrate.quad(
+            lambda x: dist.log_prob(torch.tensor([[x]], dtype=torch.float64)).exp().item(),
+            -np.inf,
+            np.inf,
+            limit=200,
+        )
+        assert value == pytest.approx(1.0, abs=1e-7)
+    # Gauss-Legendre on a wide interval (vectorized; the spline's kinks slow quad down).
+    nodes, weights = np.polynomial.legendre.leggauss(4000)
+    with torch.no_grad():
+        density = dist.log_prob(torch.tensor(nodes * 40.0)[:, None]).exp()
+    total = (torch.tensor(weights * 40.0) * density).sum().item()
+    assert total == pytest.approx(1.0, abs=1e-4 if map == "flow" else 1e-7)
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+def test_density_integrates_to_one_2d(map):
+    dist = random_cwm(2, 3, map)()
+    # Gauss-Legendre tensor product on a box holding all but a negligible part of the mass.
+    # Splines are only C^1 at their knots, so the flow's quadrature converges more slowly.
+    n, tolerance = (600, 1e-3) if map == "flow" else (300, 1e-5)
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    half = 14.0
+    x = torch.tensor(nodes * half)
+    w = torch.tensor(weights * half)
+    grid = torch.cartesian_prod(x, x)
+    with torch.no_grad():
+        density = dist.log_prob(grid).exp().reshape(n, n)
+    total = (w[:, None] * w[None, :] * density).sum().item()
+    assert total == pytest.approx(1.0, abs=tolerance)
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+def test_conditional_density_integrates_to_one_for_each_context(map):
+    context = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(4, 2)
+    dist = random_cwm(1, 3, map, context_dim=2, scale=0.2)(context)
+    nodes, weights = np.polynomial.legendre.leggauss(4000)
+    x = torch.tensor(nodes * 40.0)[:, None, None]  # (G, 1, 1) broadcasts against batch (4,)
+    with torch.no_grad():
+        density = dist.log_prob(x).exp()  # (G, 4)
+    totals = (torch.tensor(weights * 40.0)[:, None] * density).sum(0)
+    assert totals.shape == (4,)
+    tolerance = 1e-3 if map == "flow" else 1e-6
+    assert torch.allclose(totals, torch.ones(4, dtype=torch.float64), atol=tolerance)
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+def test_constant_classifier_is_the_diagonal_gaussian_mixture(map):
+    torch.manual_seed(1)
+    K, d = 4, 3
+    weights = torch.rand(K, dtype=torch.float64) + 0.1
+    weights /= weights.sum()
+    loc = torch.randn(K, d, dtype=torch.float64)
+    scale = torch.rand(K, d, dtype=torch.float64) + 0.2
+    cwm = CWM(d, K, map=map).double()
+    cwm.set_gaussian_mixture(weights, loc, scale)
+    gmm = MixtureSameFamily(Categorical(weights), Independent(Normal(loc, scale), 1))
+    x = 2 * torch.randn(50, d, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(cwm().log_prob(x), gmm.log_prob(x), atol=1e-10)
+        # Responsibilities from scipy, computed independently.
+        joint = np.stack(
+            [
+                np.log(weights[k].item())
+                + stats.multivariate_normal(loc[k].numpy(), np.diag(scale[k].numpy() ** 2)).logpdf(
+                    x
+                )
+                for k in range(K)
+            ],
+            -1,
+        )
+        expected = joint - np.logaddexp.reduce(joint, -1, keepdims=True)
+        assert np.allclose(cwm().component_log_probs(x).numpy(), expected, atol=1e-10)
+
+
+def test_affine_maps_with_constant_weights_is_the_full_covariance_mixture():
+    torch.manual_seed(2)
+    K, d = 3, 3
+    maps = build_maps("affine", d, K).double()
+    with torch.no_grad():
+        for p in maps.parameters():
+            p.normal_(0, 0.5)
+    classifier = ConstantWeights(K, torch.tensor([0.3, -0.2, 0.5])).double()
+    reference = Independent(Normal(torch.zeros(d, dtype=torch.float64), 1.0), 1)
+    dist = ClassifierWeightedMixture(reference, maps, classifier)
+    loc, _, scale_tril = maps.loc_log_diag_tril()
+    gmm = MixtureSameFamily(
+        Categorical(logits=classifier.logits), MultivariateNormal(loc, scale_tril=scale_tril)
+    )
+    x = torch.randn(40, d, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(dist.log_prob(x), gmm.log_prob(x), atol=1e-10)
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+@pytest.mark.parametrize("dim", [1, 2])
+def test_samples_agree_with_log_prob(map, dim):
+    dist = random_cwm(dim, 3, map, seed=3)()
+    torch.manual_seed(4)
+    samples = dist.sample((4000,))
+    assert binned_goodness_of_fit(dist, samples) > GOF_THRESHOLD
+
+
+def test_goodness_of_fit_rejects_a_wrong_sampler():
+    # Negative control: the test above can fail.
+    dist = random_cwm(2, 3, seed=3)()
+    other = random_cwm(2, 3, seed=5)()
+    torch.manual_seed(4)
+    samples = other.sample((4000,))
+    assert binned_goodness_of_fit(dist, samples) < GOF_THRESHOLD
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+def test_conditional_samples_agree_with_log_prob(map):
+    # A milder perturbation: random context networks can give thin, spiky components
+    # whose cell masses the quadrature would miss.
+    cwm = random_cwm(2, 3, map, context_dim=2, seed=6, scale=0.25)
+    context = torch.tensor([0.5, -1.0], dtype=torch.float64).expand(4000, 2)
+    dist = cwm(context)
+    torch.manual_seed(7)
+    samples = dist.sample()
+    assert samples.shape == (4000, 2)
+    assert binned_goodness_of_fit(cwm(context[:1]), samples) > GOF_THRESHOLD
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_component_log_probs_normalize(map, context_dim):
+    cwm = random_cwm(2, 4, map, context_dim=context_dim)
+    context = torch.randn(6, context_dim, dtype=torch.float64) if context_dim else None
+    dist = cwm(context)
+    x = torch.randn(5, 6, 2, dtype=torch.float64)
+    with torch.no_grad():
+        log_v = dist.component_log_probs(x)
+        assert log_v.shape == (5, 6, 4)
+        assert torch.allclose(
+            log_v.logsumexp(-1), torch.zeros(5, 6, dtype=torch.float64), atol=1e-12
+        )
+        # Bayes' rule by hand: v_k = joint_k / sum_j joint_j, the sum being the density.
+        joint = dist.joint_log_probs(x)
+        assert torch.allclose(log_v, joint - dist.log_prob(x)[..., None], atol=1e-12)
+
+
+@pytest.mark.parametrize("map", MAP_KINDS)
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_gradients_reach_every_parameter(map, context_dim):
+    cwm = random_cwm(2, 3, map, context_dim=context_dim)
+    context = torch.randn(8, context_dim, dtype=torch.float64) if context_dim else None
+    x = torch.randn(8, 2, dtype=torch.float64)
+    loss = -cwm(context).log_prob(x).mean()
+    loss.backward()
+    for name, p in cwm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # The Rao-Blackwellized path: a w_k(z)-weighted function of T_k(z) reaches them too.
+    cwm.zero_grad()
+    images, log_w = cwm(context).rsample_components((5,))
+    assert images.shape == ((5, 8, 3, 2) if context_dim else (5, 3, 2))
+    (log_w.exp() * images.sin().sum(-1)).sum().backward()
+    for name, p in cwm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_batch_shapes_broadcast_like_torch_distributions():
+    cwm = random_cwm(2, 3, context_dim=1)
+    dist = cwm(torch.randn(4, 1, dtype=torch.float64))
+    assert dist.batch_shape == (4,) and dist.event_shape == (2,)
+    assert dist.log_prob(torch.randn(2, dtype=torch.float64)).shape == (4,)
+    assert dist.log_prob(torch.randn(5, 1, 2, dtype=torch.float64)).shape == (5, 4)
+    assert dist.sample((7,)).shape == (7, 4, 2)
+    expanded = dist.expand((3, 4))
+    assert expanded.batch_shape == (3, 4) and expanded.sample().shape == (3, 4, 2)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(expanded.log_prob(x), dist.log_prob(x).expand(3, 4))
+
+    plain = random_cwm(2, 3)()
+    assert plain.batch_shape == ()
+    wide = plain.expand((5,))
+    assert wide.log_prob(torch.randn(2, dtype=torch.float64)).shape == (5,)
+    assert wide.sample((2,)).shape == (2, 5, 2)
+    assert plain.log_prob(torch.randn(3, 6, 2, dtype=torch.float64)).shape == (3, 6)
+
+
+def test_follows_the_module_dtype():
+    cwm = CWM(2, 3)
+    assert cwm().sample((4,)).dtype == torch.float32
+    assert cwm.double()().sample((4,)).dtype == torch.float64
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("map", MAP_KINDS)
+def test_runs_on_cuda(map):
+    cwm = random_cwm(2, 3, map, dtype=torch.float32).cuda()
+    x = cwm().sample((100,))
+    assert x.is_cuda and cwm().log_prob(x).is_cuda
+
+
+class TestBadInput:
+    def test_nan_and_inf_values(self):
+        dist = CWM(2, 3)()
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="value"):
+                dist.log_prob(torch.tensor([[0.0, bad]]))
+
+    def test_wrong_event_dim(self):
+        with pytest.raises(ValueError):
+            CWM(2, 3)().log_prob(torch.zeros(4, 3))
+
+    @pytest.mark.parametrize("k", [0, -1])
+    def test_num_components_below_one(self, k):
+        with pytest.raises(ValueError, match="num_components"):
+            CWM(2, k)
+
+    def test_non_integer_dim(self):
+        with pytest.raises(TypeError, match="dim"):
+            CWM(2.5, 3)
+
+    def test_unknown_map(self):
+        with pytest.raises(ValueError, match="map"):
+            CWM(2, 3, map="spline")
+
+    def test_negative_scales(self):
+        cwm = CWM(2, 3)
+        with pytest.raises(ValueError, match="scale"):
+            cwm.set_gaussian_mixture(torch.ones(3) / 3, torch.zeros(3, 2), -torch.ones(3, 2))
+
+    def test_bad_weights(self):
+        cwm = CWM(2, 3)
+        with pytest.raises(ValueError, match="weights"):
+            cwm.set_gaussian_mixture(
+                torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3, 2), torch.ones(3, 2)
+            )
+
+    def test_context_missing_superfluous_or_wrong(self):
+        with pytest.raises(ValueError, match="context is required"):
+            CWM(2, 3, context_dim=2)()
+        with pytest.raises(ValueError, match="unconditional"):
+            CWM(2, 3)(torch.zeros(2))
+        with pytest.raises(ValueError, match="context must have shape"):
+            CWM(2, 3, context_dim=2)(torch.zeros(4, 3))
+        with pytest.raises(ValueError, match="context"):
+            CWM(2, 3, context_dim=2)(torch.tensor([[0.0, math.nan]]))

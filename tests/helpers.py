@@ -80,3 +80,14 @@ def binned_goodness_of_fit(dist, samples, low=-6.0, high=6.0, bins=8, nodes=16):
     keep = expected > 0
     expected, counts = expected[keep], counts[keep]
     return stats.chisquare(counts, expected * counts.sum() / expected.sum()).pvalue
+
+
+def composite_gauss_legendre(low, high, panels=80, nodes=40):
+    """Nodes and weights of a composite Gauss-Legendre rule on [low, high] (numpy arrays)."""
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    edges = np.linspace(low, high, panels + 1)
+    half = (edges[1] - edges[0]) / 2
+    points = (edges[:-1, None] + half * (x[None, :] + 1)).reshape(-1)
+    return points, np.tile(w * half, panels)

@@ -16,7 +16,12 @@ from torch.distributions import (
 
 from pyro_cwm import CWM, ClassifierWeightedMixture
 from pyro_cwm.nn import ConstantWeights, build_maps
-from tests.helpers import MAP_KINDS, binned_goodness_of_fit, random_cwm
+from tests.helpers import (
+    MAP_KINDS,
+    binned_goodness_of_fit,
+    composite_gauss_legendre,
+    random_cwm,
+)
 
 GOF_THRESHOLD = 1e-3  # spurious failure rate of a good sampler
 
@@ -33,10 +38,10 @@ def test_density_integrates_to_one_1d(map):
         )
         assert value == pytest.approx(1.0, abs=1e-7)
     # Gauss-Legendre on a wide interval (vectorized; the spline's kinks slow quad down).
-    nodes, weights = np.polynomial.legendre.leggauss(4000)
+    nodes, weights = composite_gauss_legendre(-40.0, 40.0)
     with torch.no_grad():
-        density = dist.log_prob(torch.tensor(nodes * 40.0)[:, None]).exp()
-    total = (torch.tensor(weights * 40.0) * density).sum().item()
+        density = dist.log_prob(torch.tensor(nodes)[:, None]).exp()
+    total = (torch.tensor(weights) * density).sum().item()
     assert total == pytest.approx(1.0, abs=1e-4 if map == "flow" else 1e-7)
 
 
@@ -45,11 +50,10 @@ def test_density_integrates_to_one_2d(map):
     dist = random_cwm(2, 3, map)()
     # Gauss-Legendre tensor product on a box holding all but a negligible part of the mass.
     # Splines are only C^1 at their knots, so the flow's quadrature converges more slowly.
-    n, tolerance = (600, 1e-3) if map == "flow" else (300, 1e-5)
-    nodes, weights = np.polynomial.legendre.leggauss(n)
-    half = 14.0
-    x = torch.tensor(nodes * half)
-    w = torch.tensor(weights * half)
+    panels, tolerance = (30, 1e-3) if map == "flow" else (15, 1e-5)
+    nodes, weights = composite_gauss_legendre(-14.0, 14.0, panels=panels, nodes=20)
+    x, w = torch.tensor(nodes), torch.tensor(weights)
+    n = len(nodes)
     grid = torch.cartesian_prod(x, x)
     with torch.no_grad():
         density = dist.log_prob(grid).exp().reshape(n, n)
@@ -61,11 +65,11 @@ def test_density_integrates_to_one_2d(map):
 def test_conditional_density_integrates_to_one_for_each_context(map):
     context = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(4, 2)
     dist = random_cwm(1, 3, map, context_dim=2, scale=0.2)(context)
-    nodes, weights = np.polynomial.legendre.leggauss(4000)
-    x = torch.tensor(nodes * 40.0)[:, None, None]  # (G, 1, 1) broadcasts against batch (4,)
+    nodes, weights = composite_gauss_legendre(-40.0, 40.0)
+    x = torch.tensor(nodes)[:, None, None]  # (G, 1, 1) broadcasts against batch (4,)
     with torch.no_grad():
         density = dist.log_prob(x).exp()  # (G, 4)
-    totals = (torch.tensor(weights * 40.0)[:, None] * density).sum(0)
+    totals = (torch.tensor(weights)[:, None] * density).sum(0)
     assert totals.shape == (4,)
     tolerance = 1e-3 if map == "flow" else 1e-6
     assert torch.allclose(totals, torch.ones(4, dtype=torch.float64), atol=tolerance)

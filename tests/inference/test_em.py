@@ -111,4 +111,4 @@ class TestBadInput:
 
     def test_negative_reg_covar(self):
         with pytest.raises(ValueError, match="reg_covar"):
-            fit_diagonal_gmm(np.random.rand(10, 2), 2, reg_covar=-1.0)
+            fit_diagonal_gmm(np.random.default_rng(0).random((10, 2)), 2, reg_covar=-1.0)

@@ -18,13 +18,13 @@ from inference.validation import as_data_tensor
 from pyro_cwm.nn.checks import check_positive_int
 
 
-def _mean_nll(cwm, data: Tensor, context: Tensor | None, chunk: int = 65536) -> float:
+def _mean_nll(model, data: Tensor, context: Tensor | None, chunk: int = 65536) -> float:
     """Mean negative log-likelihood of ``data`` (evaluated in chunks, without gradients)."""
     total = 0.0
     with torch.no_grad():
         for start in range(0, data.shape[0], chunk):
             ctx = None if context is None else context[start : start + chunk]
-            total -= cwm(ctx).log_prob(data[start : start + chunk]).sum().item()
+            total -= model(ctx).log_prob(data[start : start + chunk]).sum().item()
     return total / data.shape[0]
 
 
@@ -35,7 +35,7 @@ def _split(n: int, validation: float, generator: torch.Generator) -> tuple[Tenso
 
 
 def fit_density(
-    cwm,
+    model,
     data,
     context=None,
     *,
@@ -46,7 +46,7 @@ def fit_density(
     validation: float = 0.1,
     validation_data: tuple | None = None,
     patience: int | None = 20,
-    em_pretraining: bool = True,
+    em_pretraining: bool | None = None,
     em_options: dict[str, Any] | None = None,
     grad_clip: float | None = None,
     seed: int | None = 0,
@@ -54,13 +54,15 @@ def fit_density(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = True,
 ) -> dict[str, Any]:
-    """Fit ``cwm`` to ``data`` by maximum likelihood with minibatch Adam.
+    """Fit ``model`` to ``data`` by maximum likelihood with minibatch Adam.
 
     Args:
-        cwm: a :class:`pyro_cwm.CWM` (conditional if ``context`` is given); it is moved to
-            the device and floating dtype of ``data`` when ``data`` is a tensor.
-        data: points, shape (N, d); numpy arrays take the CWM's dtype and device.
-        context: for a conditional CWM, the contexts, shape (N, context_dim).
+        model: a :class:`pyro_cwm.CWM` (conditional if ``context`` is given), or any module
+            that returns a distribution when called, ``model()`` or ``model(context)``
+            (a zuko flow, say). It is moved to the device and floating dtype of ``data``
+            when ``data`` is a tensor.
+        data: points, shape (N, d); numpy arrays take the model's dtype and device.
+        context: for a conditional model, the contexts, shape (N, context_dim).
         epochs: maximum number of passes over the training data.
         batch_size: minibatch size.
         lr, weight_decay: Adam's learning rate and weight decay.
@@ -69,7 +71,8 @@ def fit_density(
         validation_data: ``(data,)`` or ``(data, context)`` held out instead of a fraction.
         patience: stop after this many epochs without a better held-out NLL (None: never).
         em_pretraining: start from a diagonal Gaussian mixture fitted by EM on the training
-            data (see :func:`inference.em.em_pretrain`), unless resuming.
+            data (see :func:`inference.em.em_pretrain`), unless resuming. The default
+            does so for models that support it (those with ``set_gaussian_mixture``).
         em_options: options of :func:`inference.em.fit_diagonal_gmm`.
         grad_clip: clip the gradient norm to this value.
         seed: seed of the split, the shuffling and the EM initialization.
@@ -81,28 +84,33 @@ def fit_density(
         The history: ``train_nll`` and ``val_nll`` per epoch (mean NLL per point),
         ``best_epoch``, ``best_val_nll``, ``stopped_early``, ``epochs``,
         ``em_log_likelihood`` (empty if no EM) and ``time_s``. With held-out data the
-        CWM ends with the parameters of the best epoch.
+        model ends with the parameters of the best epoch.
 
     Raises:
         ValueError, TypeError: for bad data, context or options.
-        FloatingPointError: if the loss or its gradient stops being finite; the CWM keeps
-            the parameters of the last finite step.
+        FloatingPointError: if the loss or its gradient stops being finite; the model
+            keeps the parameters of the last finite step.
     """
-    param = next(cwm.parameters())
+    dim, context_dim = getattr(model, "dim", None), getattr(model, "context_dim", None)
+    can_em = hasattr(model, "set_gaussian_mixture")
+    if em_pretraining and not can_em:
+        raise ValueError("em_pretraining needs a model with set_gaussian_mixture (a CWM)")
+    em_pretraining = can_em if em_pretraining is None else em_pretraining
+    param = next(model.parameters())
     if isinstance(data, Tensor):
-        cwm.to(device=data.device, dtype=data.dtype if data.is_floating_point() else None)
-        param = next(cwm.parameters())
-    data = as_data_tensor(data, dim=cwm.dim, dtype=param.dtype, device=param.device, min_rows=2)
-    if cwm.context_dim:
-        if context is None:
-            raise ValueError(f"context is required: the CWM has context_dim={cwm.context_dim}")
+        model.to(device=data.device, dtype=data.dtype if data.is_floating_point() else None)
+        param = next(model.parameters())
+    data = as_data_tensor(data, dim=dim, dtype=param.dtype, device=param.device, min_rows=2)
+    if context_dim and context is None:
+        raise ValueError(f"context is required: the model has context_dim={context_dim}")
+    if context is not None:
+        if context_dim == 0:
+            raise ValueError("context was given but the model is unconditional (context_dim=0)")
         context = as_data_tensor(
-            context, "context", dim=cwm.context_dim, dtype=param.dtype, device=param.device
+            context, "context", dim=context_dim, dtype=param.dtype, device=param.device
         )
         if context.shape[0] != data.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows but data has {data.shape[0]}")
-    elif context is not None:
-        raise ValueError("context was given but the CWM is unconditional (context_dim=0)")
     check_positive_int("epochs", epochs)
     check_positive_int("batch_size", batch_size)
     if not 0 <= validation < 1:
@@ -115,18 +123,18 @@ def fit_density(
         val_x = as_data_tensor(
             validation_data[0],
             "validation_data",
-            dim=cwm.dim,
+            dim=data.shape[1],
             dtype=param.dtype,
             device=param.device,
         )
         val_c = None
-        if cwm.context_dim:
+        if context is not None:
             if len(validation_data) < 2:
-                raise ValueError("validation_data must be (data, context) for a conditional CWM")
+                raise ValueError("validation_data must be (data, context) for a conditional model")
             val_c = as_data_tensor(
                 validation_data[1],
                 "validation context",
-                dim=cwm.context_dim,
+                dim=context.shape[1],
                 dtype=param.dtype,
                 device=param.device,
             )
@@ -140,7 +148,7 @@ def fit_density(
             train_c, val_c = context[train_idx], context[val_idx]
     has_val = val_x.shape[0] > 0
 
-    optimizer = torch.optim.Adam(cwm.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     history: dict[str, Any] = {
         "train_nll": [],
         "val_nll": [],
@@ -155,13 +163,13 @@ def fit_density(
     start_epoch = 0
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         state = load_checkpoint(checkpoint, map_location=param.device)
-        cwm.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         history, best_state, start_epoch = state["history"], state["best_model"], state["epoch"]
     elif em_pretraining:
         em_seed = int(torch.randint(2**31, (1,), generator=generator))
-        fit = em_pretrain(cwm, train_x, **{"seed": em_seed, **(em_options or {})})
+        fit = em_pretrain(model, train_x, **{"seed": em_seed, **(em_options or {})})
         history["em_log_likelihood"] = fit.log_likelihood
 
     n = train_x.shape[0]
@@ -176,42 +184,42 @@ def fit_density(
     for epoch in bar:
         if history["stopped_early"]:
             break
-        cwm.train()
+        model.train()
         perm = torch.randperm(n, generator=generator).to(data.device)
         total = 0.0
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             ctx = None if train_c is None else train_c[idx]
-            loss = -cwm(ctx).log_prob(train_x[idx]).mean()
+            loss = -model(ctx).log_prob(train_x[idx]).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"fit_density: the loss became {loss.item()} at epoch {epoch}; the CWM "
+                    f"fit_density: the loss became {loss.item()} at epoch {epoch}; the model "
                     "keeps the parameters of the last finite step (try a smaller lr)"
                 )
             optimizer.zero_grad()
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(
-                cwm.parameters(), grad_clip if grad_clip is not None else math.inf
+                model.parameters(), grad_clip if grad_clip is not None else math.inf
             )
             if not torch.isfinite(norm):
                 raise FloatingPointError(
                     f"fit_density: the gradient became {norm.item()} at epoch {epoch}; the "
-                    "CWM keeps the parameters of the last finite step (try a smaller lr "
+                    "model keeps the parameters of the last finite step (try a smaller lr "
                     "or grad_clip)"
                 )
             optimizer.step()
             total += loss.item() * idx.shape[0]
-        cwm.eval()
+        model.eval()
         history["train_nll"].append(total / n)
         history["epochs"] = epoch + 1
         postfix = {"train_nll": f"{total / n:.4f}"}
         if has_val:
-            val = _mean_nll(cwm, val_x, val_c)
+            val = _mean_nll(model, val_x, val_c)
             history["val_nll"].append(val)
             postfix["val_nll"] = f"{val:.4f}"
             if val < history["best_val_nll"]:
                 history["best_val_nll"], history["best_epoch"] = val, epoch
-                best_state = copy.deepcopy(cwm.state_dict())
+                best_state = copy.deepcopy(model.state_dict())
             elif patience is not None and epoch - history["best_epoch"] >= patience:
                 history["stopped_early"] = True
         bar.set_postfix(postfix)
@@ -220,7 +228,7 @@ def fit_density(
             save_checkpoint(
                 checkpoint,
                 {
-                    "model": cwm.state_dict(),
+                    "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),
                     "history": history,
@@ -230,6 +238,6 @@ def fit_density(
             )
     bar.close()
     if best_state is not None:
-        cwm.load_state_dict(best_state)
+        model.load_state_dict(best_state)
     history["time_s"] = time.perf_counter() - started
     return history

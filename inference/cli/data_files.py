@@ -36,6 +36,8 @@ def load_table(path: str | Path, name: str = "DATA") -> np.ndarray:
         else:
             with path.open() as handle:
                 first = handle.readline()
+            if not first.strip():
+                raise CLIError(f"{name}: {path} holds no data")
             delimiter = "," if "," in first else None
             tokens = first.split(delimiter)
             skip = 0 if tokens and all(_is_number(t.strip()) for t in tokens) else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import time
@@ -100,15 +101,14 @@ def fit_density(
     if isinstance(data, Tensor):
         model.to(device=data.device, dtype=data.dtype if data.is_floating_point() else None)
         param = next(model.parameters())
-    data = as_data_tensor(data, dim=dim, dtype=param.dtype, device=param.device, min_rows=2)
+    as_tensor = functools.partial(as_data_tensor, dtype=param.dtype, device=param.device)
+    data = as_tensor(data, dim=dim, min_rows=2)
     if context_dim and context is None:
         raise ValueError(f"context is required: the model has context_dim={context_dim}")
     if context is not None:
         if context_dim == 0:
             raise ValueError("context was given but the model is unconditional (context_dim=0)")
-        context = as_data_tensor(
-            context, "context", dim=context_dim, dtype=param.dtype, device=param.device
-        )
+        context = as_tensor(context, "context", dim=context_dim)
         if context.shape[0] != data.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows but data has {data.shape[0]}")
     check_positive_int("epochs", epochs)
@@ -120,24 +120,12 @@ def fit_density(
 
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     if validation_data is not None:
-        val_x = as_data_tensor(
-            validation_data[0],
-            "validation_data",
-            dim=data.shape[1],
-            dtype=param.dtype,
-            device=param.device,
-        )
+        val_x = as_tensor(validation_data[0], "validation_data", dim=data.shape[1])
         val_c = None
         if context is not None:
             if len(validation_data) < 2:
                 raise ValueError("validation_data must be (data, context) for a conditional model")
-            val_c = as_data_tensor(
-                validation_data[1],
-                "validation context",
-                dim=context.shape[1],
-                dtype=param.dtype,
-                device=param.device,
-            )
+            val_c = as_tensor(validation_data[1], "validation context", dim=context.shape[1])
         train_x, train_c = data, context
     else:
         train_idx, val_idx = _split(data.shape[0], validation, generator)

@@ -71,6 +71,12 @@ class ComponentMaps(nn.Module):
         self.num_components = check_positive_int("num_components", num_components)
         self.context_dim = check_positive_int("context_dim", context_dim, allow_zero=True)
 
+    def _init_params(self, size: int, hidden_dims: Sequence[int]) -> None:
+        """Per-component parameters of length ``size``, all zero (the identity map)."""
+        hidden_dims = check_hidden_dims(hidden_dims)
+        self.params = ComponentParams(self.num_components, size, self.context_dim, hidden_dims)
+        self.params.set_constant(torch.zeros(self.num_components, size))
+
     def _check_loc_scale(self, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         shape = (self.num_components, self.dim)
         loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
@@ -99,10 +105,7 @@ class LocationScaleMaps(ComponentMaps):
         hidden_dims: Sequence[int] = (64,),
     ) -> None:
         super().__init__(dim, num_components, context_dim)
-        self.params = ComponentParams(
-            num_components, 2 * dim, context_dim, check_hidden_dims(hidden_dims)
-        )
-        self.params.set_constant(torch.zeros(num_components, 2 * dim))
+        self._init_params(2 * dim, hidden_dims)
 
     def loc_log_scale(self, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Locations and log-scales, each of shape (..., K, d)."""
@@ -139,11 +142,7 @@ class AffineMaps(ComponentMaps):
     ) -> None:
         super().__init__(dim, num_components, context_dim)
         self.register_buffer("_tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
-        size = 2 * dim + self._tril.shape[1]
-        self.params = ComponentParams(
-            num_components, size, context_dim, check_hidden_dims(hidden_dims)
-        )
-        self.params.set_constant(torch.zeros(num_components, size))
+        self._init_params(2 * dim + self._tril.shape[1], hidden_dims)
 
     def loc_log_diag_tril(self, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Locations (..., K, d), log-diagonal (..., K, d) and scale matrices (..., K, d, d)."""

@@ -174,33 +174,31 @@ def fit_density(
             break
         model.train()
         perm = torch.randperm(n, generator=generator).to(data.device)
-        total = 0.0
+        total = torch.zeros((), dtype=param.dtype, device=param.device)
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             ctx = None if train_c is None else train_c[idx]
             loss = -model(ctx).log_prob(train_x[idx]).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"fit_density: the loss became {loss.item()} at epoch {epoch}; the model "
-                    "keeps the parameters of the last finite step (try a smaller lr)"
-                )
             optimizer.zero_grad()
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), grad_clip if grad_clip is not None else math.inf
             )
-            if not torch.isfinite(norm):
+            # One device sync per step, before the parameters change.
+            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
+                what = "loss" if not torch.isfinite(loss) else "gradient norm"
                 raise FloatingPointError(
-                    f"fit_density: the gradient became {norm.item()} at epoch {epoch}; the "
-                    "model keeps the parameters of the last finite step (try a smaller lr "
-                    "or grad_clip)"
+                    f"fit_density: the {what} became non-finite at epoch {epoch}; the model "
+                    "keeps the parameters of the last finite step (try a smaller lr or "
+                    "grad_clip)"
                 )
             optimizer.step()
-            total += loss.item() * idx.shape[0]
+            total += loss.detach() * idx.shape[0]
         model.eval()
-        history["train_nll"].append(total / n)
+        train_nll = total.item() / n
+        history["train_nll"].append(train_nll)
         history["epochs"] = epoch + 1
-        postfix = {"train_nll": f"{total / n:.4f}"}
+        postfix = {"train_nll": f"{train_nll:.4f}"}
         if has_val:
             val = _mean_nll(model, val_x, val_c)
             history["val_nll"].append(val)
@@ -208,7 +206,11 @@ def fit_density(
             if val < history["best_val_nll"]:
                 history["best_val_nll"], history["best_epoch"] = val, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            elif patience is not None and epoch - history["best_epoch"] >= patience:
+            elif (
+                patience is not None
+                and history["best_epoch"] is not None
+                and epoch - history["best_epoch"] >= patience
+            ):
                 history["stopped_early"] = True
         bar.set_postfix(postfix)
         history["time_s"] = time.perf_counter() - started

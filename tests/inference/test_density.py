@@ -102,7 +102,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_parameters():
         calls["n"] += 1
         dist = original(context)
         if calls["n"] == 4:
-            dist.log_prob = lambda x: torch.full(x.shape[:-1], math.nan, dtype=x.dtype)
+            log_prob = dist.log_prob
+            dist.log_prob = lambda x: log_prob(x) * math.nan
         return dist
 
     snapshots = []

@@ -1,6 +1,14 @@
-"""How pyro-cwm models are fitted: EM and maximum-likelihood loops, checkpoints, the CLI."""
+"""How pyro-cwm models are fitted: EM and maximum-likelihood loops, ELBOs, checkpoints, the CLI."""
 
 from inference.density import fit_density
+from inference.elbo import CWMELBO, unconstrained_log_joint
 from inference.em import DiagonalGaussianMixtureFit, em_pretrain, fit_diagonal_gmm
 
-__all__ = ["DiagonalGaussianMixtureFit", "em_pretrain", "fit_density", "fit_diagonal_gmm"]
+__all__ = [
+    "CWMELBO",
+    "DiagonalGaussianMixtureFit",
+    "em_pretrain",
+    "fit_density",
+    "fit_diagonal_gmm",
+    "unconstrained_log_joint",
+]

@@ -3,6 +3,7 @@
 from inference.density import fit_density
 from inference.elbo import CWMELBO, unconstrained_log_joint
 from inference.em import DiagonalGaussianMixtureFit, em_pretrain, fit_diagonal_gmm
+from inference.svi import fit_svi
 
 __all__ = [
     "CWMELBO",
@@ -10,5 +11,6 @@ __all__ = [
     "em_pretrain",
     "fit_density",
     "fit_diagonal_gmm",
+    "fit_svi",
     "unconstrained_log_joint",
 ]

@@ -1,0 +1,164 @@
+"""The SVI loop: progress bar, history, early stopping, NaN stop, checkpoint and resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import pyro
+import pyro.optim
+import pyro.poutine as poutine
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import zero_grads
+from tqdm.auto import tqdm
+
+from inference.checkpoint import load_checkpoint, save_checkpoint
+from inference.elbo import CWMELBO
+from pyro_cwm.guides.autocwm import AutoCWM
+from pyro_cwm.nn.checks import check_positive_int
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _param_values() -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()}
+
+
+def fit_svi(
+    model,
+    guide,
+    *args,
+    loss=None,
+    num_steps: int = 1000,
+    optim: pyro.optim.PyroOptim | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    patience: int | None = None,
+    smoothing: float = 0.95,
+    min_delta: float = 0.0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = True,
+    **kwargs,
+) -> dict[str, Any]:
+    """Run SVI of ``guide`` against ``model(*args, **kwargs)`` and return the history.
+
+    Args:
+        model, guide: a Pyro model and guide (an AutoCWM, any autoguide, or a callable).
+        loss: the ELBO; default :class:`CWMELBO` for an AutoCWM, ``Trace_ELBO`` otherwise.
+        num_steps: maximum number of steps.
+        optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": 1e-2})``.
+        device: move tensor arguments there (e.g. ``"cuda"``); by default they stay where
+            they are, and parameters are created where the model's data are.
+        progress: show a tqdm bar with the running loss.
+        patience: stop when the exponentially smoothed loss has not improved by
+            ``min_delta`` for this many steps (None: never stop early).
+        smoothing: weight of the past in the smoothed loss (0 <= smoothing < 1).
+        checkpoint: path of a checkpoint (parameters, optimizer state, RNG state and
+            history) written every ``checkpoint_every`` steps and at the end; with
+            ``resume``, an existing checkpoint is continued.
+
+    Returns:
+        ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool,
+        "time_s": seconds}``.
+
+    Raises:
+        FloatingPointError: when the loss or a gradient is not finite; the parameters are
+            those of the last finite step (the failing step is not applied).
+        ValueError: for bad options.
+    """
+    check_positive_int("num_steps", num_steps)
+    check_positive_int("checkpoint_every", checkpoint_every)
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if device is not None:
+        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+    if loss is None:
+        loss = CWMELBO() if isinstance(guide, AutoCWM) else Trace_ELBO()
+    if optim is None:
+        optim = pyro.optim.Adam({"lr": 1e-2})
+
+    history: dict[str, Any] = {
+        "loss": [],
+        "smoothed_loss": [],
+        "steps": 0,
+        "stopped_early": False,
+        "time_s": 0.0,
+        "best_smoothed_loss": math.inf,
+        "best_step": 0,
+    }
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        state = load_checkpoint(checkpoint)
+        loss.loss(model, guide, *args, **kwargs)  # creates every parameter
+        with torch.no_grad():
+            for name, param in pyro.get_param_store().named_parameters():
+                if name in state["params"]:
+                    param.copy_(state["params"][name])
+        optim.set_state(state["optim"])
+        torch.set_rng_state(state["rng"])
+        history = state["history"]
+
+    def save() -> None:
+        save_checkpoint(
+            checkpoint,
+            {
+                "params": _param_values(),
+                "optim": optim.get_state(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+            },
+        )
+
+    started = time.perf_counter() - history["time_s"]
+    bar = tqdm(
+        range(history["steps"], num_steps),
+        desc="fit_svi",
+        disable=not progress,
+        initial=history["steps"],
+        total=num_steps,
+    )
+    for step in bar:
+        if history["stopped_early"]:
+            break
+        with poutine.trace(param_only=True) as capture:
+            value = loss.loss_and_grads(model, guide, *args, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        finite_grads = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        if not (math.isfinite(value) and finite_grads):
+            zero_grads(params)
+            raise FloatingPointError(
+                f"fit_svi: the {'loss' if not math.isfinite(value) else 'gradient'} became "
+                f"non-finite at step {step}; the parameters are those of the last finite "
+                "step (try a smaller learning rate)"
+            )
+        optim(params)
+        zero_grads(params)
+        previous = history["smoothed_loss"][-1] if history["smoothed_loss"] else value
+        smoothed = smoothing * previous + (1 - smoothing) * value
+        history["loss"].append(value)
+        history["smoothed_loss"].append(smoothed)
+        history["steps"] = step + 1
+        if smoothed < history["best_smoothed_loss"] - min_delta:
+            history["best_smoothed_loss"], history["best_step"] = smoothed, step
+        elif patience is not None and step - history["best_step"] >= patience:
+            history["stopped_early"] = True
+        bar.set_postfix(loss=f"{smoothed:.4g}")
+        history["time_s"] = time.perf_counter() - started
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+            save()
+    bar.close()
+    history["time_s"] = time.perf_counter() - started
+    if checkpoint is not None:
+        save()
+    return history

@@ -1,0 +1,141 @@
+"""The SVI loop: history, early stopping, NaN stop, checkpoint and resume."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference import CWMELBO, fit_svi
+from pyro_cwm.guides import AutoCWM
+
+Y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
+SIGMA = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+
+
+def eight_schools(y, sigma):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", y.shape[0]):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def gaussian_model(y):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=y)
+
+
+def test_fits_a_conjugate_posterior():
+    y = torch.randn(20) + 3.0
+    guide = AutoCWM(gaussian_model, num_components=2)
+    history = fit_svi(
+        gaussian_model, guide, y, num_steps=600, progress=False, loss=CWMELBO(num_particles=8)
+    )
+    assert len(history["loss"]) == history["steps"] == 600
+    # Known posterior: N(sum(y) / (n + 1/100), 1 / (n + 1/100)).
+    precision = 20 + 1 / 100.0
+    samples = guide.get_posterior().sample((20000,))[:, 0]
+    assert samples.mean().item() == pytest.approx(y.sum().item() / precision, abs=0.03)
+    assert samples.std().item() == pytest.approx(precision**-0.5, rel=0.1)
+
+
+def test_early_stopping_on_the_smoothed_loss():
+    y = torch.randn(20)
+    guide = AutoCWM(gaussian_model, num_components=1)
+    history = fit_svi(gaussian_model, guide, y, num_steps=5000, patience=50, progress=False)
+    assert history["stopped_early"] and history["steps"] < 5000
+    assert history["steps"] - 1 - history["best_step"] == 50
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    pyro.set_rng_seed(0)
+    fit_svi(
+        eight_schools,
+        AutoCWM(eight_schools, num_components=2),
+        Y,
+        SIGMA,
+        num_steps=20,
+        progress=False,
+    )
+    straight = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    path = tmp_path / "svi.pt"
+    fit_svi(
+        eight_schools,
+        AutoCWM(eight_schools, num_components=2),
+        Y,
+        SIGMA,
+        num_steps=10,
+        progress=False,
+        checkpoint=path,
+    )
+    pyro.clear_param_store()
+    pyro.set_rng_seed(123)  # the checkpoint restores the RNG state
+    history = fit_svi(
+        eight_schools,
+        AutoCWM(eight_schools, num_components=2),
+        Y,
+        SIGMA,
+        num_steps=20,
+        progress=False,
+        checkpoint=path,
+    )
+    assert history["steps"] == 20 and len(history["loss"]) == 20
+    resumed = dict(pyro.get_param_store().named_parameters())
+    for name, value in straight.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_finite_parameters():
+    class Poisoned(CWMELBO):
+        calls = 0
+
+        def loss_and_grads(self, model, guide, *args, **kwargs):
+            Poisoned.calls += 1
+            value = super().loss_and_grads(model, guide, *args, **kwargs)
+            return math.nan if Poisoned.calls == 5 else value
+
+    guide = AutoCWM(eight_schools, num_components=2)
+    snapshots = []
+
+    class Recorder(pyro.optim.PyroOptim):
+        def __call__(self, params, *args, **kwargs):
+            super().__call__(params, *args, **kwargs)
+            snapshots.append(
+                {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+            )
+
+    with pytest.raises(FloatingPointError, match="last finite step"):
+        fit_svi(
+            eight_schools,
+            guide,
+            Y,
+            SIGMA,
+            loss=Poisoned(),
+            optim=Recorder(torch.optim.Adam, {"lr": 0.01}),
+            num_steps=10,
+            progress=False,
+        )
+    assert len(snapshots) == 4
+    for name, value in pyro.get_param_store().named_parameters():
+        assert torch.isfinite(value).all()
+        assert torch.equal(value.detach(), snapshots[-1][name])
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="num_steps"):
+        fit_svi(gaussian_model, AutoCWM(gaussian_model), torch.zeros(3), num_steps=0)
+    with pytest.raises(ValueError, match="smoothing"):
+        fit_svi(gaussian_model, AutoCWM(gaussian_model), torch.zeros(3), smoothing=1.0)
+
+
+@pytest.mark.cuda
+def test_runs_on_cuda():
+    guide = AutoCWM(eight_schools, num_components=2)
+    fit_svi(eight_schools, guide, Y, SIGMA, num_steps=5, device="cuda", progress=False)
+    assert guide.cwm.reference_loc.is_cuda

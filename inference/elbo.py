@@ -1,4 +1,4 @@
-r"""The Rao-Blackwellized ELBO of a CWM guide, and the model's density in unconstrained space.
+r"""The Rao-Blackwellized ELBO of a CWM guide.
 
 For a guide q = CWM over the unconstrained latent vector u, with maps T_k and classifier w,
 
@@ -12,57 +12,14 @@ every reparameterized z; the K model evaluations are one call with a particle pl
 
 from __future__ import annotations
 
-import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.transforms import biject_to
-from pyro.distributions.util import sum_rightmost
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
 from torch import Tensor
 
 from pyro_cwm.guides.autocwm import AutoCWM
-
-
-def _per_particle(x, num: int, nesting: int) -> Tensor:
-    """Reduce a log-density term of shape (..., [num], *plates) to shape (num,)."""
-    if not torch.is_tensor(x):
-        return torch.tensor(float(x)).expand(num)
-    if x.dim() > nesting:
-        x = x.sum(dim=tuple(range(x.dim() - nesting, x.dim()))) if nesting else x
-        return x.reshape(-1).expand(num) if x.numel() == 1 else x.reshape(num)
-    return x.sum().expand(num)
-
-
-def unconstrained_log_joint(model, guide: AutoCWM, latent: Tensor, *args, **kwargs) -> Tensor:
-    """``log p(data, u)`` of ``model`` at unconstrained latent vectors ``u``, shape (N,).
-
-    ``latent`` has shape (N, latent_dim) in the packing of ``guide`` (an AutoContinuous
-    that has been set up). The N points are evaluated in one run of the model under a
-    particle plate left of the model's plates. The log-Jacobian of the maps from ``u`` to
-    the constrained sites is included, so this is the density that the guide's
-    unconstrained distribution approximates (up to the evidence).
-    """
-    num = latent.shape[0]
-    nesting = guide.max_plate_nesting
-    batched = latent.reshape((num,) + (1,) * nesting + latent.shape[-1:])
-    values = {}
-    log_det = latent.new_zeros(num)
-    for site, unconstrained in guide._unpack_latent(batched):
-        transform = biject_to(site["fn"].support)
-        value = transform(unconstrained)
-        ladj = transform.log_abs_det_jacobian(unconstrained, value)
-        ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
-        log_det = log_det + _per_particle(ladj, num, nesting)
-        values[site["name"]] = value
-    with pyro.plate("_cwm_particles", num, dim=-(nesting + 1)):
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
-    trace.compute_log_prob()
-    log_p = log_det
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            log_p = log_p + _per_particle(site["log_prob"], num, nesting)
-    return log_p
+from pyro_cwm.guides.log_joint import unconstrained_log_joint
 
 
 class CWMELBO(ELBO):
@@ -73,15 +30,28 @@ class CWMELBO(ELBO):
     and summed, so the gradient reaches the classifier without a score function. The K x
     ``num_particles`` model evaluations run as one vectorized call.
 
+    Components must not collapse: from a random start, reverse KL tends to give one
+    component all the weight, and a component that loses its weight stops moving (its
+    gradient is scaled by it). So for the first ``classifier_warmup`` steps the
+    classifier is held constant (its gradients are dropped; it starts uniform): every
+    component moves, with weight 1/K, to the mode nearest its spread start (see
+    :class:`~pyro_cwm.guides.AutoCWM`), and only then do the weights adapt. The counter
+    is ``self.step``; use a new CWMELBO (or reset ``step``) for a new fit.
+
     Args:
         num_particles: number of draws z per step.
+        classifier_warmup: number of steps with a constant classifier (0: none).
 
     Raises:
         TypeError: (at the first step) if the guide is not an AutoCWM.
     """
 
-    def __init__(self, num_particles: int = 1) -> None:
+    def __init__(self, num_particles: int = 1, classifier_warmup: int = 200) -> None:
         super().__init__(num_particles=num_particles)
+        if classifier_warmup < 0:
+            raise ValueError(f"classifier_warmup must be >= 0, got {classifier_warmup}")
+        self.classifier_warmup = classifier_warmup
+        self.step = 0
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, as ``Trace_ELBO`` draws it (for ELBO helpers)."""
@@ -121,4 +91,8 @@ class CWMELBO(ELBO):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
+        if self.step < self.classifier_warmup:
+            for param in guide.cwm.classifier.parameters():
+                param.grad = None
+        self.step += 1
         return loss.item()

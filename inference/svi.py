@@ -108,6 +108,8 @@ def fit_svi(
         optim.set_state(state["optim"])
         torch.set_rng_state(state["rng"])
         history = state["history"]
+    if hasattr(loss, "step"):
+        loss.step = history["steps"]  # schedules in the loss (CWMELBO's warm-up) resume too
 
     def save() -> None:
         save_checkpoint(

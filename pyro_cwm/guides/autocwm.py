@@ -10,11 +10,28 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_median, init_to_sample
+from pyro.infer.autoguide.initialization import (
+    InitMessenger,
+    init_to_median,
+    init_to_sample,
+    init_to_uniform,
+)
 
 from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
+from pyro_cwm.guides.log_joint import unconstrained_log_joint
 from pyro_cwm.nn.checks import check_positive_int
 from pyro_cwm.nn.cwm import CWM
+
+
+def init_to_prior_sample(site: dict | None = None, radius: float = 2.0):
+    """Initialize a site at a draw from its prior, or uniformly in (-radius, radius) in
+    unconstrained space where the prior cannot be sampled (improper priors)."""
+    if site is None:
+        return lambda site: init_to_prior_sample(site, radius)
+    try:
+        return init_to_sample(site)
+    except NotImplementedError:
+        return init_to_uniform(site, radius=radius)
 
 
 class AutoCWM(AutoContinuous):
@@ -27,10 +44,14 @@ class AutoCWM(AutoContinuous):
     (plain ``Trace_ELBO`` works too, with a high-variance score-function gradient for the
     classifier).
 
-    Initialization spreads the components so that they do not start on one mode:
-    component 0 starts at ``init_loc_fn``'s point, the others at points drawn by
-    ``spread_init_fn`` (default: draws from the prior, ``init_to_sample``); every component
-    has scale ``init_scale`` and the weights start uniform.
+    Initialization spreads the components so that they do not start on one mode (reverse
+    KL cannot move a component to a mode it does not start near, and one that loses its
+    weight stops moving). ``num_starts`` points (default 8 K) are drawn, one by
+    ``init_loc_fn`` and the rest by ``spread_init_fn`` (default: from the prior, see
+    :func:`init_to_prior_sample`); each climbs the model's log density for ``start_steps``
+    Adam steps (one vectorized run, step size ``start_lr``); the components start at K of
+    them chosen far apart among those within ``start_threshold`` nats of the best. Every
+    component has scale ``init_scale``; the weights start uniform.
 
     Args:
         model: a Pyro model.
@@ -41,6 +62,8 @@ class AutoCWM(AutoContinuous):
         spread_init_fn: per-site initialization of components 1..K-1.
         init_scale: initial scale of every component (> 0).
         map_options: options of the maps family.
+        num_starts, start_steps, start_lr, start_threshold: the spread initialization
+            (``start_steps=0`` skips the climb).
 
     Raises:
         ValueError: for K < 1, ``init_scale <= 0``, or (at the first call) a latent site
@@ -56,9 +79,13 @@ class AutoCWM(AutoContinuous):
         hidden_dims: Sequence[int] = (32,),
         map: str = "location_scale",
         init_loc_fn: Callable = init_to_median,
-        spread_init_fn: Callable = init_to_sample,
+        spread_init_fn: Callable = init_to_prior_sample,
         init_scale: float = 0.1,
         map_options: dict[str, Any] | None = None,
+        num_starts: int | None = None,
+        start_steps: int = 100,
+        start_lr: float = 0.05,
+        start_threshold: float = 20.0,
     ) -> None:
         self.num_components = check_positive_int("num_components", num_components)
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
@@ -66,6 +93,9 @@ class AutoCWM(AutoContinuous):
         self._init_scale = float(init_scale)
         self._hidden_dims, self._map, self._map_options = tuple(hidden_dims), map, map_options
         self._spread_init_fn = spread_init_fn
+        self._num_starts = max(num_components, num_starts or 8 * num_components)
+        self._start_steps = check_positive_int("start_steps", start_steps, allow_zero=True)
+        self._start_lr, self._start_threshold = start_lr, start_threshold
         self._raw_model = model
         super().__init__(model, init_loc_fn=init_loc_fn)
 
@@ -96,10 +126,11 @@ class AutoCWM(AutoContinuous):
             ),
             default=0,
         )
-        locs = torch.stack(
+        starts = torch.stack(
             [self._init_loc()]
-            + [self._spread_loc(args, kwargs) for _ in range(self.num_components - 1)]
+            + [self._spread_loc(args, kwargs) for _ in range(self._num_starts - 1)]
         )
+        locs = self._select_starts(*self._climb(starts, args, kwargs))
         self.cwm = CWM(
             self.latent_dim,
             self.num_components,
@@ -119,6 +150,49 @@ class AutoCWM(AutoContinuous):
             site = trace.nodes[name]
             parts.append(biject_to(site["fn"].support).inv(site["value"].detach()).reshape(-1))
         return torch.cat(parts)
+
+    def _climb(self, starts: torch.Tensor, args: tuple, kwargs: dict):
+        """A few vectorized Adam steps up the model's log density from every start."""
+        model = self._raw_model
+        u = starts.clone().requires_grad_(self._start_steps > 0)
+        optimizer = torch.optim.Adam([u], lr=self._start_lr)
+        for _ in range(self._start_steps):
+            # Hidden from outer handlers; grad on even if the setup runs under no_grad.
+            with poutine.block(), torch.enable_grad():
+                log_p = unconstrained_log_joint(model, self, u, *args, **kwargs)
+                finite = torch.isfinite(log_p)
+                if not finite.any():
+                    break
+                optimizer.zero_grad()
+                (-log_p[finite].sum()).backward()
+            u.grad[~finite] = 0
+            u.grad.nan_to_num_(0.0, 0.0, 0.0)
+            optimizer.step()
+        with poutine.block(), torch.no_grad():
+            return u.detach(), unconstrained_log_joint(model, self, u, *args, **kwargs)
+
+    def _select_starts(self, starts: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        """K starts far apart among those within ``start_threshold`` nats of the best.
+
+        Farthest-point selection from the highest start: components begin on different
+        modes whenever the starts found several, which keeps reverse-KL training from
+        putting every component on one mode.
+        """
+        finite = torch.isfinite(log_p)
+        if not finite.any():
+            raise ValueError("AutoCWM: the model's log density is not finite at any start")
+        good = finite & (log_p >= log_p[finite].max() - self._start_threshold)
+        candidates, scores = starts[good], log_p[good]
+        chosen = [int(scores.argmax())]
+        for _ in range(1, self.num_components):
+            gap = torch.cdist(candidates, candidates[chosen]).min(-1).values
+            chosen.append(int(gap.argmax()))
+        locs = candidates[chosen].clone()
+        # Coinciding starts would give identical components that never separate.
+        for k in range(1, len(chosen)):
+            if (torch.cdist(locs[k : k + 1], locs[:k]) < 1e-6).any():
+                locs[k] += self._init_scale * torch.randn_like(locs[k])
+        return locs
 
     def get_posterior(self, *args, **kwargs) -> ClassifierWeightedMixture:
         """The CWM over the unconstrained latent vector (event shape (latent_dim,)).

@@ -10,8 +10,9 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from inference.elbo import CWMELBO, unconstrained_log_joint
+from inference import CWMELBO, fit_svi
 from pyro_cwm.guides import AutoCWM
+from pyro_cwm.guides.log_joint import unconstrained_log_joint
 from tests.helpers import composite_gauss_legendre
 
 
@@ -172,3 +173,46 @@ def test_bad_arguments():
         AutoCWM(eight_schools, num_components=0)
     with pytest.raises(ValueError, match="init_scale"):
         AutoCWM(eight_schools, init_scale=-1.0)
+
+
+def two_mode_model(dim=2):
+    locs = torch.stack([torch.full((dim,), -3.0), torch.full((dim,), 3.0)])
+    target = dist.MixtureSameFamily(
+        dist.Categorical(torch.ones(2)), dist.Normal(locs, 1.0).to_event(1)
+    )
+    prior = dist.Normal(0.0, 10.0).expand([dim]).to_event(1)
+
+    def model():
+        x = pyro.sample("x", prior)
+        pyro.factor("target", target.log_prob(x) - prior.log_prob(x))
+
+    return model
+
+
+def right_mode_mass(num_components, seed, warmup, steps=600):
+    model = two_mode_model()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = AutoCWM(model, num_components=num_components)
+    fit_svi(
+        model,
+        guide,
+        num_steps=steps,
+        progress=False,
+        loss=CWMELBO(num_particles=4, classifier_warmup=warmup),
+    )
+    with torch.no_grad():
+        return (guide.get_posterior().sample((20000,))[:, 0] > 0).float().mean().item()
+
+
+@pytest.mark.parametrize("num_components", [2, 4])
+def test_components_do_not_collapse_onto_one_mode(num_components):
+    # Each mode holds half the mass; each must get its share within +-30%.
+    for seed in range(3):
+        assert 0.35 <= right_mode_mass(num_components, seed, warmup=300) <= 0.65, seed
+
+
+def test_without_the_classifier_warmup_a_component_collapses():
+    # The control: the same runs with the classifier trained from step 0 lose a mode.
+    masses = [right_mode_mass(2, seed, warmup=0) for seed in range(3)]
+    assert min(min(m, 1 - m) for m in masses) < 0.05

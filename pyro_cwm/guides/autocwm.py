@@ -83,8 +83,8 @@ class AutoCWM(AutoContinuous):
         init_scale: float = 0.1,
         map_options: dict[str, Any] | None = None,
         num_starts: int | None = None,
-        start_steps: int = 100,
-        start_lr: float = 0.05,
+        start_steps: int = 200,
+        start_lr: float = 0.3,
         start_threshold: float = 20.0,
     ) -> None:
         self.num_components = check_positive_int("num_components", num_components)

@@ -1,8 +1,10 @@
 """How pyro-cwm models are fitted: EM and maximum-likelihood loops, ELBOs, checkpoints, the CLI."""
 
 from inference.density import fit_density
+from inference.diagnostics import PSISDiagnostic, psis_diagnostic
 from inference.elbo import CWMELBO, unconstrained_log_joint
 from inference.em import DiagonalGaussianMixtureFit, em_pretrain, fit_diagonal_gmm
+from inference.inference_data import to_inference_data
 from inference.svi import fit_svi
 
 __all__ = [
@@ -12,5 +14,8 @@ __all__ = [
     "fit_density",
     "fit_diagonal_gmm",
     "fit_svi",
+    "PSISDiagnostic",
+    "psis_diagnostic",
+    "to_inference_data",
     "unconstrained_log_joint",
 ]

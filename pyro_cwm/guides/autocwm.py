@@ -18,7 +18,7 @@ from pyro.infer.autoguide.initialization import (
 )
 
 from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
-from pyro_cwm.guides.log_joint import unconstrained_log_joint
+from pyro_cwm.guides.log_joint import max_plate_nesting, unconstrained_log_joint
 from pyro_cwm.nn.checks import check_positive_int
 from pyro_cwm.nn.cwm import CWM
 
@@ -115,17 +115,7 @@ class AutoCWM(AutoContinuous):
                         "from AutoCWM with poutine.block)"
                     )
         # The prototype hides observed sites; their plates count for the particle plate.
-        full = poutine.block(poutine.trace(self._raw_model).get_trace)(*args, **kwargs)
-        self.max_plate_nesting = max(
-            (
-                -frame.dim
-                for site in full.nodes.values()
-                if site["type"] == "sample"
-                for frame in site["cond_indep_stack"]
-                if frame.vectorized
-            ),
-            default=0,
-        )
+        self.max_plate_nesting = max_plate_nesting(self._raw_model, *args, **kwargs)
         starts = torch.stack(
             [self._init_loc()]
             + [self._spread_loc(args, kwargs) for _ in range(self._num_starts - 1)]

@@ -10,7 +10,22 @@ from pyro.distributions.util import sum_rightmost
 from torch import Tensor
 
 
-def _per_particle(x, num: int, nesting: int) -> Tensor:
+def max_plate_nesting(model, *args, **kwargs) -> int:
+    """How many plate dimensions ``model(*args, **kwargs)`` uses (observed sites included)."""
+    trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+    return max(
+        (
+            -frame.dim
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        ),
+        default=0,
+    )
+
+
+def per_particle(x, num: int, nesting: int) -> Tensor:
     """Reduce a log-density term of shape (..., [num], *plates) to shape (num,)."""
     if not torch.is_tensor(x):
         return torch.tensor(float(x)).expand(num)
@@ -40,7 +55,7 @@ def unconstrained_log_joint(model, guide, latent: Tensor, *args, **kwargs) -> Te
         value = transform(unconstrained)
         ladj = transform.log_abs_det_jacobian(unconstrained, value)
         ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
-        log_det = log_det + _per_particle(ladj, num, nesting)
+        log_det = log_det + per_particle(ladj, num, nesting)
         values[site["name"]] = value
     with pyro.plate("_cwm_particles", num, dim=-(nesting + 1)):
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
@@ -48,5 +63,5 @@ def unconstrained_log_joint(model, guide, latent: Tensor, *args, **kwargs) -> Te
     log_p = log_det
     for site in trace.nodes.values():
         if site["type"] == "sample":
-            log_p = log_p + _per_particle(site["log_prob"], num, nesting)
+            log_p = log_p + per_particle(site["log_prob"], num, nesting)
     return log_p

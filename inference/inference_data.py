@@ -13,7 +13,7 @@ import torch
 from pyro.infer import MCMC, Predictive
 from pyro.poutine.util import site_is_subsample
 
-from pyro_cwm.guides.log_joint import max_plate_nesting
+from pyro_cwm.guides.log_joint import max_plate_nesting, structure_trace
 
 
 def _build(posterior, posterior_predictive, log_likelihood, observed_data) -> az.InferenceData:
@@ -27,7 +27,7 @@ def _build(posterior, posterior_predictive, log_likelihood, observed_data) -> az
 
 
 def _sites(model, *args, **kwargs):
-    trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+    trace = structure_trace(model, *args, **kwargs)
     latent, observed = {}, {}
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):

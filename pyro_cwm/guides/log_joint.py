@@ -7,12 +7,20 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import Tensor
+
+
+def structure_trace(model, *args, **kwargs):
+    """One trace of ``model`` for its structure: latent sites at feasible values, so that
+    models with improper priors (which cannot be sampled) can be traced too."""
+    model = InitMessenger(init_to_feasible)(model)
+    return poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
 
 
 def max_plate_nesting(model, *args, **kwargs) -> int:
     """How many plate dimensions ``model(*args, **kwargs)`` uses (observed sites included)."""
-    trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+    trace = structure_trace(model, *args, **kwargs)
     return max(
         (
             -frame.dim

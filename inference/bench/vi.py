@@ -88,6 +88,42 @@ def run(target_name: str, guide_name: str, args) -> dict:
     return row
 
 
+def eight_schools(y, sigma):
+    mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", pyro.distributions.HalfCauchy(5.0))
+    with pyro.plate("schools", y.shape[0]):
+        theta = pyro.sample("theta", pyro.distributions.Normal(mu, tau))
+        pyro.sample("obs", pyro.distributions.Normal(theta, sigma), obs=y)
+
+
+def step_cost(components: int, steps: int = 300) -> dict:
+    """Seconds per SVI step on eight schools: AutoNormal (Trace_ELBO) against AutoCWM with
+    K components (CWMELBO), one particle each; the ratio over K should stay near or below 1.5."""
+    y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
+    sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+    times = {}
+    for name in ("AutoNormal", "AutoCWM"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        if name == "AutoNormal":
+            guide, loss = AutoNormal(eight_schools), pyro.infer.Trace_ELBO()
+        else:
+            guide, loss = AutoCWM(eight_schools, num_components=components), CWMELBO()
+        fit_svi(eight_schools, guide, y, sigma, num_steps=20, loss=loss, progress=False)
+        history = fit_svi(
+            eight_schools, guide, y, sigma, num_steps=steps, loss=loss, progress=False
+        )
+        times[name] = history["time_s"] / steps
+    ratio = times["AutoCWM"] / times["AutoNormal"]
+    return {
+        "K": components,
+        "autonormal_s": times["AutoNormal"],
+        "autocwm_s": times["AutoCWM"],
+        "ratio": ratio,
+        "ratio_over_K": ratio / components,
+    }
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(
         prog="python -m inference.bench.vi",
@@ -103,8 +139,17 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench-out/vi.json")
+    p.add_argument(
+        "--step-cost",
+        action="store_true",
+        help="only time SVI steps on eight schools for K = 2, 4, 8, 16",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.step_cost:
+        for k in (2, 4, 8, 16):
+            print(json.dumps(step_cost(k)), flush=True)
+        return []
     rows = [run(t, g, args) for t in args.targets.split(",") for g in args.guides.split(",")]
     print(
         f"\nsteps {args.steps}, lr {args.lr}, K {args.components}, samples {args.samples}, "

@@ -34,15 +34,30 @@ def init_to_prior_sample(site: dict | None = None, radius: float = 2.0):
         return init_to_uniform(site, radius=radius)
 
 
+class _GuidePosterior(ClassifierWeightedMixture):
+    """The AutoCWM posterior as a guide site: refuses score-function ELBOs.
+
+    Pyro's Trace_ELBO leaves the log-density of an auxiliary guide site out of the
+    score-function cost, so its gradient for this non-reparameterizable site is biased.
+    """
+
+    def score_parts(self, value, *args, **kwargs):
+        raise TypeError(
+            "AutoCWM's posterior has a discrete component choice, and Trace_ELBO (or any "
+            "score-function ELBO) gives biased gradients for it: train AutoCWM with "
+            "inference.CWMELBO, which sums the choice out exactly"
+        )
+
+
 class AutoCWM(AutoContinuous):
     """A Classifier Weighted Mixture over all latent sites, packed into one vector.
 
     Like :class:`~pyro.infer.autoguide.AutoMultivariateNormal` it packs the model's latent
     sites into one unconstrained vector; the posterior of that vector is a
     :class:`~pyro_cwm.ClassifierWeightedMixture` with ``num_components`` components.
-    Fit it with :class:`inference.CWMELBO`, which sums the component choice out exactly
-    (plain ``Trace_ELBO`` works too, with a high-variance score-function gradient for the
-    classifier).
+    Fit it with :class:`inference.CWMELBO`, which sums the component choice out exactly;
+    score-function ELBOs such as ``Trace_ELBO`` raise a TypeError that says so (Pyro's
+    estimator would be biased for this auxiliary, non-reparameterized site).
 
     Initialization spreads the components so that they do not start on one mode (reverse
     KL cannot move a component to a mode it does not start near, and one that loses its
@@ -183,6 +198,14 @@ class AutoCWM(AutoContinuous):
             if (torch.cdist(locs[k : k + 1], locs[:k]) < 1e-6).any():
                 locs[k] += self._init_scale * torch.randn_like(locs[k])
         return locs
+
+    def sample_latent(self, *args, **kwargs) -> torch.Tensor:
+        """Draw the packed latent vector at the auxiliary site ``_{name}_latent``."""
+        posterior = self.get_posterior(*args, **kwargs)
+        guide_site = _GuidePosterior(
+            posterior.reference, posterior.maps, posterior.classifier, posterior.context
+        )
+        return pyro.sample(f"_{self._pyro_name}_latent", guide_site, infer={"is_auxiliary": True})
 
     def get_posterior(self, *args, **kwargs) -> ClassifierWeightedMixture:
         """The CWM over the unconstrained latent vector (event shape (latent_dim,)).

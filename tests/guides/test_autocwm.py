@@ -119,11 +119,13 @@ def test_svi_with_plates_constrained_sites_and_predictive(map):
     assert guide()["tau"] > 0
 
 
-def test_plain_trace_elbo_runs_with_a_score_function_gradient():
+def test_plain_trace_elbo_is_refused_with_a_pointer_to_cwmelbo():
     guide = AutoCWM(eight_schools, num_components=2)
     svi = SVI(eight_schools, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
-    assert math.isfinite(svi.step(Y, SIGMA))
-    assert any(p.grad is not None for p in guide.cwm.classifier.parameters())
+    with pytest.raises(TypeError, match="CWMELBO"):
+        svi.step(Y, SIGMA)
+    # Sampling the guide, Predictive and log-densities are unaffected.
+    assert Predictive(eight_schools, guide=guide, num_samples=3)(Y, SIGMA)["theta"].shape == (3, 8)
 
 
 def test_subsampled_plate_raises_a_clear_error():

@@ -28,6 +28,7 @@ from inference.diagnostics import psis_diagnostic
 from inference.elbo import CWMELBO
 from inference.metrics import energy_distance, marginal_errors, worst_mode_share_error
 from inference.svi import fit_svi
+from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
 
@@ -88,19 +89,10 @@ def run(target_name: str, guide_name: str, args) -> dict:
     return row
 
 
-def eight_schools(y, sigma):
-    mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", pyro.distributions.HalfCauchy(5.0))
-    with pyro.plate("schools", y.shape[0]):
-        theta = pyro.sample("theta", pyro.distributions.Normal(mu, tau))
-        pyro.sample("obs", pyro.distributions.Normal(theta, sigma), obs=y)
-
-
 def step_cost(components: int, steps: int = 300) -> dict:
     """Seconds per SVI step on eight schools: AutoNormal (Trace_ELBO) against AutoCWM with
     K components (CWMELBO), one particle each; the ratio over K should stay near or below 1.5."""
-    y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
-    sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+    y, sigma = EIGHT_SCHOOLS_Y, EIGHT_SCHOOLS_SIGMA
     times = {}
     for name in ("AutoNormal", "AutoCWM"):
         pyro.clear_param_store()

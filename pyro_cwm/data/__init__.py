@@ -1,9 +1,13 @@
 """Built-in data sets and targets (generated or shipped; nothing is downloaded)."""
 
 from pyro_cwm.data.images import LogitTransform, pixel_density_sample
+from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from pyro_cwm.data.toy import EXAMPLES, make_example, ring_of_gaussians, two_moons
 
 __all__ = [
+    "EIGHT_SCHOOLS_SIGMA",
+    "EIGHT_SCHOOLS_Y",
+    "eight_schools",
     "EXAMPLES",
     "LogitTransform",
     "make_example",

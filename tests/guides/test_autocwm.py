@@ -11,6 +11,9 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from inference import CWMELBO, fit_svi
+from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA as SIGMA
+from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_Y as Y
+from pyro_cwm.data.posteriors import eight_schools
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.log_joint import unconstrained_log_joint
 from tests.helpers import composite_gauss_legendre
@@ -91,18 +94,6 @@ def test_log_joint_includes_the_jacobian_of_constrained_sites():
         + dist.Normal(0.0, s[:, None]).log_prob(y).sum(-1)
     )
     assert torch.allclose(got, expected, atol=1e-5)
-
-
-def eight_schools(y, sigma):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("schools", y.shape[0]):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
-
-
-Y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
-SIGMA = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
 
 
 @pytest.mark.parametrize("map", ["location_scale", "affine", "flow"])

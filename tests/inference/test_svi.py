@@ -8,18 +8,10 @@ import pytest
 import torch
 
 from inference import CWMELBO, fit_svi
+from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA as SIGMA
+from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_Y as Y
+from pyro_cwm.data.posteriors import eight_schools
 from pyro_cwm.guides import AutoCWM
-
-Y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
-SIGMA = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
-
-
-def eight_schools(y, sigma):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("schools", y.shape[0]):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
 def gaussian_model(y):

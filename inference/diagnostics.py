@@ -83,7 +83,13 @@ def psis_diagnostic(
     log_z = (torch.logsumexp(finite, 0) - math.log(num_samples)).item()
     tail = int(min(0.2 * num_samples, 3 * math.sqrt(num_samples)))
     largest = torch.topk(finite, tail + 1).values
-    ratios = (largest - largest[0]).exp()  # weights over the largest one
+    ratios = (largest.double() - largest[0]).exp()  # weights over the largest one
     excess = ratios[:-1] - ratios[-1]
-    k_hat, _ = fit_generalized_pareto(excess.double())
-    return PSISDiagnostic(float(k_hat), log_z, finite.mean().item(), log_w)
+    try:
+        k_hat = float(fit_generalized_pareto(excess)[0])
+    except ZeroDivisionError:
+        k_hat = math.nan
+    if not math.isfinite(k_hat):
+        # The largest weight dwarfs the rest (the others underflow): as bad as it gets.
+        k_hat = math.inf
+    return PSISDiagnostic(k_hat, log_z, finite.mean().item(), log_w)

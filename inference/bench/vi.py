@@ -1,15 +1,17 @@
-"""Variational approximations on analytic targets: AutoCWM against Pyro's autoguides.
+"""Variational approximations against ground truth: AutoCWM, Pyro's autoguides and NUTS.
 
-For each target (normalized, so log Z = 0, with an exact sampler) and each guide, fits
-SVI and reports in one table: ELBO, IS log Z and its error, KL(q||p) = log Z - ELBO
-(= -ELBO here), PSIS k-hat, energy distance to exact draws, worst standardized error of
-marginal means, worst ratio of marginal sds, worst relative error of a mode's share (where
-the target has known modes) and wall time.
+Targets: analytic densities with exact samplers (normalized, log Z = 0: ring, two moons,
+banana, 10-D funnel, 10-D two Gaussians) and posteriordb posteriors with reference Stan
+draws (eight schools centered, the label-switching Gaussian mixture, kilpisjarvi, arK,
+GP Poisson regression; read from ``--refpost``). For each target and method the table
+gives: ELBO, IS log Z (its error where log Z is known; KL(q||p) = log Z - ELBO there),
+PSIS k-hat, energy distance to the reference draws (columns standardized by the reference
+sds), worst standardized error of marginal means, worst ratio of marginal sds, worst
+relative error of a mode's share (targets with known modes) and wall time.
 
-    python -m inference.bench.vi                       # every target and guide
-    python -m inference.bench.vi --targets ring --steps 500
-
-The posteriordb targets and NUTS as a reference method are not in this script yet.
+    python -m inference.bench.vi                                   # everything
+    python -m inference.bench.vi --targets ring,eight_schools --steps 500
+    python -m inference.bench.vi --step-cost                       # AutoCWM vs AutoNormal step
 """
 
 from __future__ import annotations
@@ -18,19 +20,77 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer import MCMC, NUTS, Predictive
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+from torch import Tensor
 
 from inference.diagnostics import psis_diagnostic
 from inference.elbo import CWMELBO
-from inference.metrics import energy_distance, marginal_errors, worst_mode_share_error
+from inference.metrics import energy_distance, marginal_errors
 from inference.svi import fit_svi
+from pyro_cwm.data.posteriordb import POSTERIORS, load_reference_posterior
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
+
+DEFAULT_REFPOST = Path(__file__).resolve().parents[2].parent / "shared" / "refpost"
+
+
+@dataclass
+class Problem:
+    """A target for the table: a model, reference draws and how to read samples."""
+
+    name: str
+    model: Callable
+    args: tuple
+    reference: Tensor  # (N, P)
+    flatten: Callable[[dict], Tensor]  # site samples -> (N, P)
+    sites: list[str]
+    log_z: float | None = None
+    mode_of: Callable[[Tensor], Tensor] | None = None  # (N, P) -> mode labels (N,)
+    mode_weights: Tensor | None = None
+
+
+def analytic_problem(name: str, num: int, seed: int) -> Problem:
+    target = TARGETS[name]()
+    modes = target.modes
+    return Problem(
+        name,
+        target.model,
+        (),
+        target.sample(num, torch.Generator().manual_seed(seed)),
+        lambda s: s["x"].reshape(s["x"].shape[0], -1),
+        ["x"],
+        log_z=0.0,
+        mode_of=None if modes is None else (lambda x: torch.cdist(x, modes).argmin(-1)),
+        mode_weights=None if modes is None else torch.full((modes.shape[0],), 1 / len(modes)),
+    )
+
+
+def posteriordb_problem(name: str, root: Path) -> Problem:
+    posterior = load_reference_posterior(name, root)
+    sites = sorted({c.partition("[")[0] for c in posterior.columns})
+    mode_of = mode_weights = None
+    if name == "low_dim_gauss_mix":
+        i, j = posterior.columns.index("mu[1]"), posterior.columns.index("mu[2]")
+        mode_of = lambda x: (x[:, i] > x[:, j]).long()  # noqa: E731
+        mode_weights = torch.tensor([0.5, 0.5])
+    return Problem(
+        name,
+        posterior.model,
+        posterior.args,
+        posterior.draws,
+        posterior.flatten,
+        sites,
+        mode_of=mode_of,
+        mode_weights=mode_weights,
+    )
 
 
 def make_guide(name: str, model, components: int):
@@ -44,54 +104,93 @@ def make_guide(name: str, model, components: int):
     if kind == "AutoCWM":
         guide = AutoCWM(model, num_components=components, map=map_name or "location_scale")
         return guide, CWMELBO(num_particles=4)
-    raise ValueError(f"unknown guide {name!r}")
+    raise ValueError(f"unknown method {name!r}")
 
 
-def run(target_name: str, guide_name: str, args) -> dict:
-    target = TARGETS[target_name]()
+def compare(problem: Problem, draws: Tensor) -> dict:
+    reference = problem.reference.to(draws.dtype)
+    sd = reference.std(0)
+    n = min(4000, reference.shape[0], draws.shape[0])
+    pick = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(0))[:n]
+    mean_err, sd_ratio = marginal_errors(draws, reference)
+    row = {
+        "energy": energy_distance(draws[:n] / sd, reference[pick] / sd),
+        "mean_err": mean_err,
+        "sd_ratio": sd_ratio,
+        "mode_err": math.nan,
+    }
+    if problem.mode_of is not None:
+        labels = problem.mode_of(draws)
+        shares = torch.bincount(labels, minlength=len(problem.mode_weights)) / labels.shape[0]
+        row["mode_err"] = (
+            ((shares - problem.mode_weights).abs() / problem.mode_weights).max().item()
+        )
+    return row
+
+
+def run_vi(problem: Problem, method: str, args) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    guide, loss = make_guide(guide_name, target.model, args.components)
+    guide, loss = make_guide(method, problem.model, args.components)
     started = time.perf_counter()
     fit_svi(
-        target.model,
+        problem.model,
         guide,
+        *problem.args,
         num_steps=args.steps,
         loss=loss,
         progress=False,
         optim=pyro.optim.Adam({"lr": args.lr}),
     )
     elapsed = time.perf_counter() - started
-    diag = psis_diagnostic(target.model, guide, num_samples=args.samples, seed=args.seed)
+    diag = psis_diagnostic(
+        problem.model, guide, *problem.args, num_samples=args.samples, seed=args.seed
+    )
     with torch.no_grad():
-        draws = pyro.infer.Predictive(
-            target.model, guide=guide, num_samples=args.samples, return_sites=["x"]
-        )()["x"].reshape(args.samples, -1)
-    exact = target.sample(args.samples, torch.Generator().manual_seed(args.seed))
-    mean_err, sd_ratio = marginal_errors(draws, exact)
+        samples = Predictive(
+            problem.model, guide=guide, num_samples=args.samples, return_sites=problem.sites
+        )(*problem.args)
     row = {
-        "target": target_name,
-        "guide": guide_name,
+        "target": problem.name,
+        "method": method,
         "elbo": diag.elbo,
         "log_z": diag.log_z,
-        "log_z_error": abs(diag.log_z),
-        "kl": -diag.elbo,
+        "log_z_error": abs(diag.log_z - problem.log_z) if problem.log_z is not None else math.nan,
         "k_hat": diag.k_hat,
-        "energy": energy_distance(draws, exact),
-        "mean_err": mean_err,
-        "sd_ratio": sd_ratio,
-        "mode_err": (
-            worst_mode_share_error(draws, target.modes) if target.modes is not None else math.nan
-        ),
         "time_s": elapsed,
     }
-    print(json.dumps(row), flush=True)
+    row.update(compare(problem, problem.flatten(samples)))
+    return row
+
+
+def run_nuts(problem: Problem, args) -> dict:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    mcmc = MCMC(
+        NUTS(problem.model),
+        num_samples=args.nuts_samples,
+        warmup_steps=args.nuts_warmup,
+        disable_progbar=True,
+    )
+    started = time.perf_counter()
+    mcmc.run(*problem.args)
+    elapsed = time.perf_counter() - started
+    row = {
+        "target": problem.name,
+        "method": "NUTS",
+        "elbo": math.nan,
+        "log_z": math.nan,
+        "log_z_error": math.nan,
+        "k_hat": math.nan,
+        "time_s": elapsed,
+    }
+    row.update(compare(problem, problem.flatten(mcmc.get_samples())))
     return row
 
 
 def step_cost(components: int, steps: int = 300) -> dict:
     """Seconds per SVI step on eight schools: AutoNormal (Trace_ELBO) against AutoCWM with
-    K components (CWMELBO), one particle each; the ratio over K should stay near or below 1.5."""
+    K components (CWMELBO), one particle each."""
     y, sigma = EIGHT_SCHOOLS_Y, EIGHT_SCHOOLS_SIGMA
     times = {}
     for name in ("AutoNormal", "AutoCWM"):
@@ -122,14 +221,19 @@ def main(argv=None) -> list[dict]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--targets", default=",".join(TARGETS))
-    p.add_argument("--guides", default="AutoNormal,AutoMVN,AutoIAFNormal,AutoCWM,AutoCWM:flow")
+    p.add_argument("--targets", default=",".join(list(TARGETS) + POSTERIORS))
+    p.add_argument(
+        "--methods", default="AutoNormal,AutoMVN,AutoIAFNormal,AutoCWM,AutoCWM:flow,NUTS"
+    )
     p.add_argument("--components", type=int, default=8)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--samples", type=int, default=4000)
+    p.add_argument("--nuts-warmup", type=int, default=500)
+    p.add_argument("--nuts-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--refpost", type=Path, default=DEFAULT_REFPOST)
     p.add_argument("--out", default="bench-out/vi.json")
     p.add_argument(
         "--step-cost",
@@ -142,15 +246,25 @@ def main(argv=None) -> list[dict]:
         for k in (2, 4, 8, 16):
             print(json.dumps(step_cost(k)), flush=True)
         return []
-    rows = [run(t, g, args) for t in args.targets.split(",") for g in args.guides.split(",")]
+    rows = []
+    for name in args.targets.split(","):
+        problem = (
+            analytic_problem(name, args.samples, args.seed)
+            if name in TARGETS
+            else posteriordb_problem(name, args.refpost)
+        )
+        for method in args.methods.split(","):
+            row = run_nuts(problem, args) if method == "NUTS" else run_vi(problem, method, args)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     print(
         f"\nsteps {args.steps}, lr {args.lr}, K {args.components}, samples {args.samples}, "
-        f"torch threads {torch.get_num_threads()}"
+        f"NUTS {args.nuts_warmup}+{args.nuts_samples}, torch threads {torch.get_num_threads()}"
     )
     cols = [
         "elbo",
+        "log_z",
         "log_z_error",
-        "kl",
         "k_hat",
         "energy",
         "mean_err",
@@ -158,11 +272,13 @@ def main(argv=None) -> list[dict]:
         "mode_err",
         "time_s",
     ]
-    print(f"{'target':18s} {'guide':16s} " + " ".join(f"{c:>10s}" for c in cols))
+    print(f"{'target':18s} {'method':14s} " + " ".join(f"{c:>11s}" for c in cols))
     for r in rows:
-        print(f"{r['target']:18s} {r['guide']:16s} " + " ".join(f"{r[c]:10.4f}" for c in cols))
+        print(f"{r['target']:18s} {r['method']:14s} " + " ".join(f"{r[c]:11.4f}" for c in cols))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+    )
     return rows
 
 

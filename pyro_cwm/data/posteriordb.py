@@ -68,13 +68,11 @@ def low_dim_gauss_mix(y: Tensor) -> None:
     mu = pyro.sample("mu", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
     sigma = pyro.sample("sigma", dist.HalfNormal(2.0).expand([2]).to_event(1))
     theta = pyro.sample("theta", dist.Beta(5.0, 5.0))
+    # Under outer plates every site keeps a size-1 slot for the data plate (dim -1), so
+    # the component axis is simply the last one.
     mix = torch.stack((theta, 1 - theta), -1).log()
     with pyro.plate("data", y.shape[0]):
-        log_lik = torch.logsumexp(
-            mix[..., None, :]
-            + dist.Normal(mu[..., None, :], sigma[..., None, :]).log_prob(y[:, None]),
-            -1,
-        )
+        log_lik = torch.logsumexp(mix + dist.Normal(mu, sigma).log_prob(y[:, None]), -1)
         pyro.factor("y", log_lik)
 
 
@@ -85,9 +83,7 @@ def kilpisjarvi(x: Tensor, y: Tensor, prior: tuple[float, float, float, float]) 
     beta = pyro.sample("beta", dist.Normal(mu_beta, sd_beta))
     sigma = _flat_positive("sigma")
     with pyro.plate("data", y.shape[0]):
-        pyro.sample(
-            "y", dist.Normal(alpha[..., None] + beta[..., None] * x, sigma[..., None]), obs=y
-        )
+        pyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
 
 
 def ar_k(y: Tensor, order: int) -> None:
@@ -96,9 +92,9 @@ def ar_k(y: Tensor, order: int) -> None:
     beta = pyro.sample("beta", dist.Normal(0.0, 10.0).expand([order]).to_event(1))
     sigma = pyro.sample("sigma", dist.HalfCauchy(2.5))
     lags = torch.stack([y[order - k - 1 : y.shape[0] - k - 1] for k in range(order)], -1)
-    mean = alpha[..., None] + (lags * beta[..., None, :]).sum(-1)
+    mean = alpha + (lags * beta).sum(-1)
     with pyro.plate("data", y.shape[0] - order):
-        pyro.sample("y", dist.Normal(mean, sigma[..., None]), obs=y[order:])
+        pyro.sample("y", dist.Normal(mean, sigma), obs=y[order:])
 
 
 def gp_pois_regr(x: Tensor, k: Tensor) -> None:
@@ -114,8 +110,8 @@ def gp_pois_regr(x: Tensor, k: Tensor) -> None:
     cov = alpha[..., None, None] ** 2 * torch.exp(-sq / (2 * rho[..., None, None] ** 2))
     cov = cov + 1e-10 * torch.eye(x.shape[0], dtype=x.dtype)
     f = pyro.sample("f", dist.MultivariateNormal(torch.zeros_like(x), covariance_matrix=cov))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("k", dist.Poisson(f.exp()), obs=k)
+    # One event of N counts: f's event axis is the data axis, so no plate is needed.
+    pyro.sample("k", dist.Poisson(f.exp()).to_event(1), obs=k)
 
 
 def _read(root: Path, folder: str) -> tuple[dict, list[str], Tensor]:

@@ -54,9 +54,11 @@ class ReferencePosterior:
         return torch.stack(out, -1)
 
 
-def _flat_positive(name: str) -> Tensor:
-    """A positive site with a flat (improper) prior: proper LogNormal base, cancelled."""
-    base = dist.LogNormal(0.0, 10.0)
+def _flat_positive(name: str, one: Tensor) -> Tensor:
+    """A positive site with a flat (improper) prior: proper LogNormal base, cancelled.
+
+    ``one`` is a scalar 1 of the model's dtype."""
+    base = dist.LogNormal(0.0 * one, 10.0 * one)
     value = pyro.sample(name, base)
     pyro.factor(f"{name}_flat_prior", -base.log_prob(value))
     return value
@@ -78,10 +80,11 @@ def low_dim_gauss_mix(y: Tensor) -> None:
 
 def kilpisjarvi(x: Tensor, y: Tensor, prior: tuple[float, float, float, float]) -> None:
     """Linear regression on uncentered years; alpha and beta correlate at -0.99999."""
+    one = torch.ones((), dtype=x.dtype)
     mu_alpha, sd_alpha, mu_beta, sd_beta = prior
-    alpha = pyro.sample("alpha", dist.Normal(mu_alpha, sd_alpha))
-    beta = pyro.sample("beta", dist.Normal(mu_beta, sd_beta))
-    sigma = _flat_positive("sigma")
+    alpha = pyro.sample("alpha", dist.Normal(mu_alpha * one, sd_alpha * one))
+    beta = pyro.sample("beta", dist.Normal(mu_beta * one, sd_beta * one))
+    sigma = _flat_positive("sigma", one)
     with pyro.plate("data", y.shape[0]):
         pyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
 
@@ -158,8 +161,13 @@ def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
     if name == "kilpisjarvi":
         data, columns, draws = _read(root, "kilpisjarvi_mod-kilpisjarvi")
         prior = (data["pmualpha"], data["psalpha"], data["pmubeta"], data["psbeta"])
-        args = (tensor(data["x"], dtype=torch.float), tensor(data["y"], dtype=torch.float), prior)
-        return ReferencePosterior(name, kilpisjarvi, args, columns, draws.float())
+        # alpha and beta correlate at -0.99999 with x near 4000: float32 cannot resolve it.
+        args = (
+            tensor(data["x"], dtype=torch.float64),
+            tensor(data["y"], dtype=torch.float64),
+            prior,
+        )
+        return ReferencePosterior(name, kilpisjarvi, args, columns, draws.double())
     if name == "arK":
         data, columns, draws = _read(root, "arK-arK")
         args = (tensor(data["y"], dtype=torch.float), int(data["K"]))

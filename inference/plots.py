@@ -40,7 +40,7 @@ def plot_density(
     dim = data_np.shape[1]
     if dim not in (1, 2):
         raise ValueError(f"plot_density draws 1-D or 2-D data, got dim={dim}")
-    param = data
+    like = data  # grids take the data's dtype and device
     if samples is None:
         samples = distribution.sample((data.shape[0],))
     samples_np = samples.detach().cpu().numpy()
@@ -51,7 +51,7 @@ def plot_density(
         ax.hist(samples_np[:, 0], bins=60, density=True, histtype="step", label="model samples")
         if distribution is not None and not distribution.batch_shape:
             grid = torch.linspace(
-                float(low[0]), float(high[0]), grid_size, dtype=param.dtype, device=param.device
+                float(low[0]), float(high[0]), grid_size, dtype=like.dtype, device=like.device
             )[:, None]
             with torch.no_grad():
                 density = distribution.log_prob(grid).exp().cpu().numpy()
@@ -68,9 +68,9 @@ def plot_density(
         axes[-1].hist2d(samples_np[:, 0], samples_np[:, 1], bins=100, range=bounds, cmap="viridis")
         axes[-1].set_title("model samples")
         if show_density:
-            xs = torch.linspace(float(low[0]), float(high[0]), grid_size, dtype=param.dtype)
-            ys = torch.linspace(float(low[1]), float(high[1]), grid_size, dtype=param.dtype)
-            mesh = torch.cartesian_prod(xs, ys).to(param.device)
+            xs = torch.linspace(float(low[0]), float(high[0]), grid_size, dtype=like.dtype)
+            ys = torch.linspace(float(low[1]), float(high[1]), grid_size, dtype=like.dtype)
+            mesh = torch.cartesian_prod(xs, ys).to(like.device)
             with torch.no_grad():
                 density = distribution.log_prob(mesh).exp().reshape(grid_size, grid_size).cpu()
             axes[1].pcolormesh(xs.numpy(), ys.numpy(), density.numpy().T, cmap="viridis")

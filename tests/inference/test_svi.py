@@ -43,40 +43,31 @@ def test_early_stopping_on_the_smoothed_loss():
 
 
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    # The warm-up ends at step 15, after the resume at step 10: its counter resumes too.
+    def run(num_steps, **options):
+        guide = AutoCWM(eight_schools, num_components=2)
+        return fit_svi(
+            eight_schools,
+            guide,
+            Y,
+            SIGMA,
+            num_steps=num_steps,
+            progress=False,
+            loss=CWMELBO(classifier_warmup=15),
+            **options,
+        )
+
     pyro.set_rng_seed(0)
-    fit_svi(
-        eight_schools,
-        AutoCWM(eight_schools, num_components=2),
-        Y,
-        SIGMA,
-        num_steps=20,
-        progress=False,
-    )
+    run(20)
     straight = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     path = tmp_path / "svi.pt"
-    fit_svi(
-        eight_schools,
-        AutoCWM(eight_schools, num_components=2),
-        Y,
-        SIGMA,
-        num_steps=10,
-        progress=False,
-        checkpoint=path,
-    )
+    run(10, checkpoint=path)
     pyro.clear_param_store()
     pyro.set_rng_seed(123)  # the checkpoint restores the RNG state
-    history = fit_svi(
-        eight_schools,
-        AutoCWM(eight_schools, num_components=2),
-        Y,
-        SIGMA,
-        num_steps=20,
-        progress=False,
-        checkpoint=path,
-    )
+    history = run(20, checkpoint=path)
     assert history["steps"] == 20 and len(history["loss"]) == 20
     resumed = dict(pyro.get_param_store().named_parameters())
     for name, value in straight.items():

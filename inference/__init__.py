@@ -3,17 +3,17 @@
 from inference.density import fit_density
 from inference.diagnostics import PSISDiagnostic, psis_diagnostic
 from inference.elbo import CWMELBO, unconstrained_log_joint
-from inference.em import DiagonalGaussianMixtureFit, em_pretrain, fit_diagonal_gmm
+from inference.gaussian_mixture_em import GaussianMixtureEM
 from inference.inference_data import to_inference_data
+from inference.pretrain import em_pretrain
 from inference.svi import fit_svi
 
 __all__ = [
     "CWMELBO",
-    "DiagonalGaussianMixtureFit",
     "em_pretrain",
     "fit_density",
-    "fit_diagonal_gmm",
     "fit_svi",
+    "GaussianMixtureEM",
     "PSISDiagnostic",
     "psis_diagnostic",
     "to_inference_data",

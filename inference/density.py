@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from inference.checkpoint import load_checkpoint, save_checkpoint
-from inference.em import em_pretrain
+from inference.pretrain import em_pretrain
 from inference.validation import as_data_tensor
 from pyro_cwm.nn.checks import check_positive_int
 
@@ -74,7 +74,7 @@ def fit_density(
         em_pretraining: start from a diagonal Gaussian mixture fitted by EM on the training
             data (see :func:`inference.em.em_pretrain`), unless resuming. The default
             does so for models that support it (those with ``set_gaussian_mixture``).
-        em_options: options of :func:`inference.em.fit_diagonal_gmm`.
+        em_options: options of :class:`inference.GaussianMixtureEM` (diagonal family).
         grad_clip: clip the gradient norm to this value.
         seed: seed of the split, the shuffling and the EM initialization.
         progress: show a tqdm progress bar.
@@ -157,8 +157,8 @@ def fit_density(
         history, best_state, start_epoch = state["history"], state["best_model"], state["epoch"]
     elif em_pretraining:
         em_seed = int(torch.randint(2**31, (1,), generator=generator))
-        fit = em_pretrain(model, train_x, **{"seed": em_seed, **(em_options or {})})
-        history["em_log_likelihood"] = fit.log_likelihood
+        fit = em_pretrain(model, train_x, **{"random_state": em_seed, **(em_options or {})})
+        history["em_log_likelihood"] = list(fit.lower_bounds_)
 
     n = train_x.shape[0]
     started = time.perf_counter() - history["time_s"]

@@ -1,142 +1,140 @@
-"""Expectation-maximization for Gaussian mixtures, and EM pretraining of a CWM.
+"""Expectation-maximization for Gaussian mixtures: the loop, written once for every family.
 
-The loop (initialize, E-step, M-step, convergence) is written once; the E-step returns
-the per-point joint log-probabilities and the M-step works from the responsibility
-sufficient statistics (N_k, sum_n r_nk x_n, sum_n r_nk x_n^2), the sums a data-parallel
-version would all-reduce across devices.
+An EM iteration is one pass over the data in chunks: the E-step of a chunk gives its
+responsibilities, which are folded at once into additive sufficient statistics
+(:class:`inference.gmm_families.SufficientStatistics`); the M-step turns the summed
+statistics into new parameters. Nothing of size (N, K) is kept, so the data can be a
+memory-mapped array larger than memory, and a data-parallel version only has to sum the
+statistics across devices (one all-reduce) before the M-step.
+
+- :func:`run_em`: full-batch EM (exact), over chunks from a re-iterable source.
+- :func:`stepwise_statistics`: stepwise (online) EM, Cappé & Moulines (2009): running
+  statistics ``s <- (1 - eta_t) s + eta_t s(batch)`` after each minibatch, then an M-step;
+  :meth:`inference.GaussianMixtureEM.partial_fit` uses it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from inference.kmeans import kmeans
-from inference.validation import as_data_tensor
-from pyro_cwm.nn.checks import check_positive_int
+from inference.gmm_families import (
+    ILL_DEFINED,
+    GaussianMixtureParameters,
+    SufficientStatistics,
+    chunk_statistics,
+    log_gaussian_probs,
+    m_step,
+)
+
+
+def weighted_log_probs(x: Tensor, params: GaussianMixtureParameters, kind: str) -> Tensor:
+    """``log pi_k + log N(x_n; mu_k, Sigma_k)`` for a chunk: (n, K)."""
+    return log_gaussian_probs(x, params, kind) + params.weights.log()
+
+
+def expectation(
+    chunks: Iterable[Tensor], params: GaussianMixtureParameters, kind: str
+) -> SufficientStatistics:
+    """E-step over all chunks: the summed statistics under ``params``.
+
+    Raises:
+        ValueError: if no chunk is given or a log-likelihood is not finite.
+    """
+    total = None
+    for x in chunks:
+        log_joint = weighted_log_probs(x, params, kind)
+        log_norm = torch.logsumexp(log_joint, -1)
+        resp = (log_joint - log_norm.unsqueeze(-1)).exp()
+        stats = chunk_statistics(x, resp, log_norm, kind)
+        total = stats if total is None else total + stats
+    if total is None:
+        raise ValueError("the data source gave no chunks")
+    return total
 
 
 @dataclass
-class DiagonalGaussianMixtureFit:
-    """Result of :func:`fit_diagonal_gmm`.
+class EMRun:
+    """Result of :func:`run_em`: the last parameters and the trace of the lower bound.
 
-    Attributes:
-        weights: mixture weights (K,).
-        means: component means (K, d).
-        variances: per-dimension component variances (K, d).
-        log_likelihood: mean log-likelihood per point before each M-step and, last, at the
-            returned parameters.
-        converged: whether the change fell below ``tol`` within ``max_iter`` steps.
-        n_iter: number of EM steps done.
+    ``lower_bounds[t]`` is the mean log-likelihood at the parameters before M-step t+1,
+    as scikit-learn's ``lower_bounds_``.
     """
 
-    weights: Tensor
-    means: Tensor
-    variances: Tensor
-    log_likelihood: list[float] = field(default_factory=list)
+    params: GaussianMixtureParameters
+    lower_bounds: list[float] = field(default_factory=list)
     converged: bool = False
     n_iter: int = 0
 
-
-def diagonal_joint_log_probs(
-    data: Tensor, weights: Tensor, means: Tensor, variances: Tensor
-) -> Tensor:
-    """``log pi_k + log N(x_n; mu_k, diag var_k)`` for every point and component: (N, K)."""
-    precision = variances.reciprocal()
-    # Expanded square: (N, K) from matrix products, never an (N, K, d) tensor.
-    mahalanobis = (
-        (data**2) @ precision.T - 2 * data @ (means * precision).T + (means**2 * precision).sum(-1)
-    ).clamp_min(0)
-    log_det = variances.log().sum(-1)
-    d = data.shape[-1]
-    return weights.log() - 0.5 * (d * math.log(2 * math.pi) + log_det + mahalanobis)
+    @property
+    def lower_bound(self) -> float:
+        return self.lower_bounds[-1] if self.lower_bounds else -math.inf
 
 
-def _diagonal_m_step(data: Tensor, resp: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor]:
-    eps = 10 * torch.finfo(data.dtype).eps
-    counts = resp.sum(0) + eps  # N_k; eps keeps an empty component finite
-    sum_x = resp.T @ data
-    sum_x2 = resp.T @ data**2
-    means = sum_x / counts[:, None]
-    variances = (sum_x2 / counts[:, None] - means**2).clamp_min(0) + reg_covar
-    return counts / counts.sum(), means, variances
-
-
-def fit_diagonal_gmm(
-    data,
-    num_components: int,
+def run_em(
+    chunks: Callable[[], Iterable[Tensor]],
+    params: GaussianMixtureParameters,
+    kind: str,
     *,
-    max_iter: int = 100,
-    tol: float = 1e-5,
-    reg_covar: float = 1e-6,
-    seed: int | None = None,
-) -> DiagonalGaussianMixtureFit:
-    """Fit a diagonal Gaussian mixture by EM from a k-means start.
+    max_iter: int,
+    tol: float,
+    reg_covar: float,
+    constant_variance: float = 1.0,
+    lower_bound: float = -math.inf,
+    progress: bool = False,
+    description: str = "EM",
+) -> EMRun:
+    """Full-batch EM from ``params`` until the lower bound changes by less than ``tol``.
 
     Args:
-        data: points, shape (N, d), numpy or torch; runs on the tensor's device.
-        num_components: K, at most the number of distinct points.
-        max_iter: maximum number of EM steps.
-        tol: stop when the mean log-likelihood changes by less than this.
-        reg_covar: added to every variance (keeps collapsed components finite); with 0 the
-            log-likelihood never decreases.
-        seed: seed of the k-means++ initialization.
+        chunks: a callable returning a fresh iterable of data chunks (n_i, d) at every call
+            (one call per iteration); the chunks together are the data set.
+        params: initial parameters (on the chunks' device and dtype).
+        kind: the covariance family.
+        max_iter: the most iterations (E-step + M-step).
+        tol: convergence threshold on the change of the mean log-likelihood.
+        reg_covar: added to the diagonal of every covariance in the M-step.
+        constant_variance: the fixed variance of the ``constant`` family.
+        lower_bound: the previous lower bound (warm start), for the first change.
+        progress: show a tqdm bar with the lower bound.
 
     Raises:
-        ValueError: for bad data, K < 1, K larger than the number of distinct points, or a
-            negative ``reg_covar`` or ``tol``.
+        ValueError: if a covariance becomes singular or the likelihood not finite.
     """
-    data = as_data_tensor(data)
-    check_positive_int("num_components", num_components)
-    check_positive_int("max_iter", max_iter, allow_zero=True)
-    if reg_covar < 0:
-        raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    distinct = torch.unique(data, dim=0).shape[0]
-    if num_components > distinct:
-        raise ValueError(
-            f"num_components ({num_components}) is larger than the number of distinct "
-            f"data points ({distinct})"
-        )
-    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    # Work on centered data: the expanded squares in the E-step lose less precision.
-    center = data.mean(0)
-    data = data - center
-    _, labels = kmeans(data, num_components, generator)
-    resp = torch.nn.functional.one_hot(labels, num_components).to(data.dtype)
-    params = _diagonal_m_step(data, resp, reg_covar)
-
-    history: list[float] = []
-    converged = False
-    n_iter = 0
-    for step in range(1, max_iter + 1):
-        n_iter = step
-        log_joint = diagonal_joint_log_probs(data, *params)
-        log_norm = torch.logsumexp(log_joint, -1, keepdim=True)
-        history.append(log_norm.mean().item())
-        params = _diagonal_m_step(data, (log_joint - log_norm).exp(), reg_covar)
-        if len(history) > 1 and abs(history[-1] - history[-2]) < tol:
-            converged = True
+    run = EMRun(params)
+    bar = tqdm(range(1, max_iter + 1), desc=description, disable=not progress, leave=False)
+    for n_iter in bar:
+        stats = expectation(chunks(), run.params, kind)
+        current = (stats.log_likelihood / stats.count).item()
+        if not math.isfinite(current):
+            raise ValueError(ILL_DEFINED)
+        run.params = m_step(stats, kind, reg_covar, constant_variance)
+        run.lower_bounds.append(current)
+        run.n_iter = n_iter
+        bar.set_postfix(lower_bound=f"{current:.5g}")
+        if abs(current - lower_bound) < tol:
+            run.converged = True
             break
-    history.append(torch.logsumexp(diagonal_joint_log_probs(data, *params), -1).mean().item())
-    weights, means, variances = params
-    return DiagonalGaussianMixtureFit(
-        weights, means + center, variances, history, converged, n_iter
-    )
+        lower_bound = current
+    bar.close()
+    return run
 
 
-def em_pretrain(cwm, data, **options) -> DiagonalGaussianMixtureFit:
-    """Fit a diagonal GMM to ``data`` by EM and copy it into ``cwm``.
+def stepwise_statistics(
+    running: SufficientStatistics | None, batch: SufficientStatistics, step_size: float
+) -> SufficientStatistics:
+    """Stepwise-EM update of running per-point statistics with a minibatch's statistics.
 
-    Afterwards the CWM's density equals the fitted mixture's (constant classifier with
-    bias log weights, location-scale maps at the means and standard deviations). The
-    options are those of :func:`fit_diagonal_gmm`; K is ``cwm.num_components``.
+    Both are normalized per point, so a step size ``eta`` in (0, 1] weighs the new batch
+    against everything seen before; ``running=None`` starts from the batch.
     """
-    data = as_data_tensor(data, dim=cwm.dim)
-    fit = fit_diagonal_gmm(data, cwm.num_components, **options)
-    cwm.set_gaussian_mixture(fit.weights, fit.means, fit.variances.sqrt())
-    return fit
+    batch = batch.scaled(1.0 / batch.count.item())
+    if running is None:
+        return batch
+    return running.scaled(1.0 - step_size) + batch.scaled(step_size)
+

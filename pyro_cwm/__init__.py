@@ -4,8 +4,8 @@
 ``inference`` package holds how it is fitted (SVI and EM loops, diagnostics, command line).
 """
 
-from pyro_cwm.distributions import ClassifierWeightedMixture
+from pyro_cwm.distributions import ClassifierWeightedMixture, GaussianMixture
 from pyro_cwm.nn import CWM
 
-__all__ = ["CWM", "ClassifierWeightedMixture"]
+__all__ = ["CWM", "ClassifierWeightedMixture", "GaussianMixture"]
 __version__ = "0.1.0"

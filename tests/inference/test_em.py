@@ -1,13 +1,13 @@
-"""EM for diagonal Gaussian mixtures and EM pretraining, against scikit-learn and scipy."""
+"""The EM loop: monotone likelihood, chunk invariance, memmaps and stepwise EM."""
 
 import numpy as np
 import pytest
 import torch
-from scipy import stats
-from sklearn.mixture import GaussianMixture
 
-from inference.em import diagonal_joint_log_probs, em_pretrain, fit_diagonal_gmm
-from pyro_cwm import CWM
+from inference import GaussianMixtureEM
+from inference.em import expectation, run_em
+from inference.gmm_families import chunk_statistics, m_step
+from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
 
 def three_clusters(n=900, seed=0):
@@ -18,97 +18,85 @@ def three_clusters(n=900, seed=0):
     return means[labels] + sds[labels] * rng.standard_normal((n, 2)), means, sds
 
 
-def test_joint_log_probs_match_scipy():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((20, 3)) * 3
-    w = np.array([0.2, 0.5, 0.3])
-    mu = rng.standard_normal((3, 3))
-    var = rng.uniform(0.3, 2.0, (3, 3))
-    ours = diagonal_joint_log_probs(*(torch.tensor(a) for a in (x, w, mu, var))).numpy()
-    ref = np.stack(
-        [
-            np.log(w[k]) + stats.multivariate_normal(mu[k], np.diag(var[k])).logpdf(x)
-            for k in range(3)
-        ],
-        -1,
+def random_start(x, k, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    resp = torch.rand(x.shape[0], k, generator=g, dtype=x.dtype)
+    resp = resp / resp.sum(1, keepdim=True)
+    return m_step(chunk_statistics(x, resp, x.new_zeros(len(x)), kind), kind, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_log_likelihood_never_decreases_without_regularization(kind):
+    x = torch.tensor(three_clusters()[0])
+    run = run_em(
+        lambda: [x], random_start(x, 4, kind), kind, max_iter=40, tol=0.0, reg_covar=0.0
     )
-    assert np.allclose(ours, ref, atol=1e-10)
+    assert run.n_iter == 40
+    assert (np.diff(run.lower_bounds) >= -1e-10).all()
 
 
-def test_log_likelihood_never_decreases_without_regularization():
-    x, _, _ = three_clusters()
-    fit = fit_diagonal_gmm(torch.tensor(x), 5, max_iter=60, tol=0.0, reg_covar=0.0, seed=3)
-    steps = np.diff(fit.log_likelihood)
-    assert len(steps) == 60
-    assert (steps >= -1e-10).all()
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_chunked_statistics_equal_one_pass(kind):
+    x = torch.tensor(three_clusters()[0])
+    params = random_start(x, 4, kind)
+    whole = expectation([x], params, kind)
+    chunked = expectation(torch.split(x, 77), params, kind)
+    for name in ("count", "log_likelihood", "resp", "first", "second"):
+        assert torch.allclose(getattr(whole, name), getattr(chunked, name), rtol=1e-12)
 
 
-def test_recovers_known_parameters_and_matches_sklearn_likelihood():
-    x, means, sds = three_clusters(3000)
-    fit = fit_diagonal_gmm(torch.tensor(x), 3, seed=0)
-    order = np.argsort(fit.means[:, 0].numpy())
-    assert np.allclose(fit.means.numpy()[order], means, atol=0.1)
-    assert np.allclose(fit.variances.sqrt().numpy()[order], sds, atol=0.1)
-    sk = GaussianMixture(3, covariance_type="diag", random_state=0, tol=1e-8).fit(x)
-    assert fit.log_likelihood[-1] == pytest.approx(sk.score(x), abs=1e-4)
+def test_chunk_size_does_not_change_the_fit():
+    x = three_clusters()[0]
+    a = GaussianMixtureEM(3, random_state=0, tol=1e-8).fit(x)
+    b = GaussianMixtureEM(3, random_state=0, tol=1e-8, chunk_size=50).fit(x)
+    assert a.n_iter_ == b.n_iter_
+    assert np.allclose(a.means_, b.means_, rtol=1e-10)
+    assert a.lower_bound_ == pytest.approx(b.lower_bound_, rel=1e-12)
 
 
-def test_em_pretraining_copies_the_mixture_into_the_cwm():
-    x, _, _ = three_clusters()
-    cwm = CWM(2, 3, map="flow").double()
-    fit = em_pretrain(cwm, torch.tensor(x), seed=0)
-    # scikit-learn's density with the same parameters is the independent reference.
-    sk = GaussianMixture(3, covariance_type="diag")
-    sk.weights_ = fit.weights.numpy()
-    sk.means_ = fit.means.numpy()
-    sk.covariances_ = fit.variances.numpy()
-    sk.precisions_cholesky_ = 1 / np.sqrt(sk.covariances_)
-    with torch.no_grad():
-        ours = cwm().log_prob(torch.tensor(x)).numpy()
-    assert np.allclose(ours, sk.score_samples(x), atol=1e-8)
-    assert fit.log_likelihood[-1] == pytest.approx(ours.mean(), abs=1e-8)
+def test_memmap_is_read_in_chunks_and_gives_the_in_memory_fit(tmp_path):
+    x = three_clusters(2000)[0]
+    path = tmp_path / "x.dat"
+    stored = np.memmap(path, dtype=np.float64, mode="w+", shape=x.shape)
+    stored[:] = x
+    stored.flush()
+    mapped = np.memmap(path, dtype=np.float64, mode="r", shape=x.shape)
+    options = dict(covariance_type="diag", random_state=0, tol=1e-8, chunk_size=128)
+    a = GaussianMixtureEM(3, **options).fit(x)
+    b = GaussianMixtureEM(3, **options).fit(mapped)
+    assert np.allclose(a.means_, b.means_, rtol=1e-10)
+    assert np.allclose(a.score_samples(x), b.score_samples(mapped), rtol=1e-10)
 
 
-def test_em_pretraining_of_a_conditional_cwm_ignores_the_context():
-    x, _, _ = three_clusters(300)
-    cwm = CWM(2, 3, context_dim=2).double()
-    em_pretrain(cwm, torch.tensor(x), seed=0)
-    with torch.no_grad():
-        a = cwm(torch.zeros(300, 2, dtype=torch.float64)).log_prob(torch.tensor(x))
-        b = cwm(torch.randn(300, 2, dtype=torch.float64)).log_prob(torch.tensor(x))
-    assert torch.allclose(a, b)
+def test_memmap_with_nan_is_refused(tmp_path):
+    x = three_clusters(300)[0]
+    x[250, 0] = np.nan
+    path = tmp_path / "x.dat"
+    stored = np.memmap(path, dtype=np.float64, mode="w+", shape=x.shape)
+    stored[:] = x
+    with pytest.raises(ValueError, match="NaN"):
+        GaussianMixtureEM(3, chunk_size=100).fit(stored)
 
 
-def test_preserves_float32():
-    x, _, _ = three_clusters(300)
-    fit = fit_diagonal_gmm(torch.tensor(x, dtype=torch.float32), 3, seed=0)
-    assert fit.means.dtype == torch.float32
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_stepwise_em_on_a_stream_reaches_the_batch_likelihood(kind):
+    x, _, _ = three_clusters(20_000, seed=1)
+    batch = GaussianMixtureEM(3, covariance_type=kind, random_state=0).fit(x)
+    online = GaussianMixtureEM(3, covariance_type=kind, random_state=0)
+    for chunk in np.array_split(x, 100):
+        online.partial_fit(chunk)
+    assert online.n_iter_ == 100
+    assert online.score(x) == pytest.approx(batch.score(x), abs=5e-3)
+    order_a, order_b = np.argsort(batch.means_[:, 0]), np.argsort(online.means_[:, 0])
+    assert np.allclose(batch.means_[order_a], online.means_[order_b], atol=0.05)
 
 
-class TestBadInput:
-    def test_nan(self):
-        x, _, _ = three_clusters(30)
-        x[4, 1] = np.nan
-        with pytest.raises(ValueError, match="data contains NaN or inf"):
-            fit_diagonal_gmm(x, 2)
+def test_stepwise_em_first_batch_smaller_than_k():
+    with pytest.raises(ValueError, match="n_samples >= n_components"):
+        GaussianMixtureEM(5).partial_fit(np.zeros((3, 2)))
 
-    def test_wrong_shape(self):
-        with pytest.raises(ValueError, match="2-D"):
-            fit_diagonal_gmm(np.zeros(10), 2)
 
-    def test_k_larger_than_distinct_points(self):
-        x = np.repeat([[0.0, 1.0], [2.0, 3.0]], 10, axis=0)
-        with pytest.raises(ValueError, match="distinct"):
-            fit_diagonal_gmm(x, 3)
-
-    def test_k_below_one(self):
-        with pytest.raises(ValueError, match="num_components"):
-            fit_diagonal_gmm(np.zeros((5, 2)), 0)
-
-    def test_dimension_mismatch_with_cwm(self):
-        with pytest.raises(ValueError, match="columns"):
-            em_pretrain(CWM(3, 2), np.zeros((10, 2)))
-
-    def test_negative_reg_covar(self):
-        with pytest.raises(ValueError, match="reg_covar"):
-            fit_diagonal_gmm(np.random.default_rng(0).random((10, 2)), 2, reg_covar=-1.0)
+def test_partial_fit_checks_the_number_of_features():
+    gm = GaussianMixtureEM(2, random_state=0).partial_fit(three_clusters(100)[0])
+    with pytest.raises(ValueError, match="features"):
+        gm.partial_fit(np.zeros((10, 3)))

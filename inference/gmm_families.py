@@ -1,0 +1,225 @@
+r"""What differs between the covariance families of a Gaussian mixture under EM.
+
+The EM loop (:mod:`inference.em`) is written once; this module holds, per family, the
+three things it needs: the E-step log-densities of a chunk of points, the sufficient
+statistics of a chunk given its responsibilities, and the M-step from summed statistics.
+
+The statistics are sums over points (``N_k = sum_n r_nk``, ``S1_k = sum_n r_nk x_n`` and a
+family-specific second moment), so chunks, data streams and devices combine by adding
+them. The parameters follow scikit-learn's conventions: ``covariances`` of shape
+(K, d, d) full, (d, d) tied, (K, d) diag, (K,) spherical, () constant, and
+``precisions_cholesky`` the upper-triangular P with ``P P^T = Sigma^{-1}`` (for the
+diagonal families ``1/sqrt(covariance)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from pyro_cwm.distributions.gaussian_mixture import log_det_precision_factor
+
+ILL_DEFINED = (
+    "Fitting the mixture model failed because some components have ill-defined empirical "
+    "covariance (for instance caused by singleton or collapsed samples). Try to decrease "
+    "the number of components, increase reg_covar, or scale the input data."
+)
+
+
+@dataclass
+class GaussianMixtureParameters:
+    """Weights (K,), means (K, d), covariances and precision factors of one family."""
+
+    weights: Tensor
+    means: Tensor
+    covariances: Tensor
+    precisions_cholesky: Tensor
+
+    def to(self, **kwargs) -> GaussianMixtureParameters:
+        values = (getattr(self, f.name).to(**kwargs) for f in fields(self))
+        return GaussianMixtureParameters(*values)
+
+    def shifted(self, shift: Tensor) -> GaussianMixtureParameters:
+        """The same mixture for data translated by ``-shift`` (means minus ``shift``)."""
+        return GaussianMixtureParameters(
+            self.weights, self.means - shift, self.covariances, self.precisions_cholesky
+        )
+
+
+@dataclass
+class SufficientStatistics:
+    """Additive EM statistics of a set of points (sums, so they combine across chunks).
+
+    Attributes:
+        count: number of points.
+        log_likelihood: sum of the points' log-likelihoods under the E-step parameters.
+        resp: ``N_k`` (K,).
+        first: ``sum_n r_nk x_n`` (K, d).
+        second: full ``sum_n r_nk x_n x_n^T`` (K, d, d); tied ``sum_n x_n x_n^T`` (d, d);
+            diag and spherical ``sum_n r_nk x_n^2`` (K, d); constant an empty tensor.
+    """
+
+    count: Tensor
+    log_likelihood: Tensor
+    resp: Tensor
+    first: Tensor
+    second: Tensor
+
+    def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
+        return SufficientStatistics(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in fields(self))
+        )
+
+    def scaled(self, factor: float) -> SufficientStatistics:
+        return SufficientStatistics(*(getattr(self, f.name) * factor for f in fields(self)))
+
+
+def log_gaussian_probs(x: Tensor, params: GaussianMixtureParameters, kind: str) -> Tensor:
+    """``log N(x_n; mu_k, Sigma_k)`` for a chunk: (n, K).
+
+    The full family whitens ``x_n - mu_k`` per component ((K, n, d) memory); the others
+    expand the square into matrix products ((n, K) memory), which is accurate on data
+    centered near the means (the EM loop centers it).
+    """
+    means, factor = params.means, params.precisions_cholesky
+    d = x.shape[-1]
+    if kind == "full":
+        white = torch.matmul(x, factor) - (means.unsqueeze(-2) @ factor)  # (K, n, d)
+        maha = white.square().sum(-1).T
+    elif kind == "tied":
+        xp, mp = x @ factor, means @ factor
+        maha = xp.square().sum(-1, keepdim=True) - 2 * xp @ mp.T + mp.square().sum(-1)
+    elif kind == "diag":
+        prec = factor.square()
+        maha = x.square() @ prec.T - 2 * x @ (means * prec).T + (means.square() * prec).sum(-1)
+    else:  # spherical (K,) and constant () precision factors
+        prec = factor.square()
+        maha = (
+            x.square().sum(-1, keepdim=True) - 2 * x @ means.T + means.square().sum(-1)
+        ) * prec
+    log_det = log_det_precision_factor(factor, kind, d)
+    return log_det - 0.5 * (d * math.log(2 * math.pi) + maha.clamp_min(0))
+
+
+def chunk_statistics(
+    x: Tensor, resp: Tensor, log_norm: Tensor, kind: str
+) -> SufficientStatistics:
+    """Statistics of a chunk ``x`` (n, d) with responsibilities ``resp`` (n, K)."""
+    if kind == "full":
+        second = (resp.T.unsqueeze(-1) * x).mT @ x
+    elif kind == "tied":
+        second = x.T @ x
+    elif kind in ("diag", "spherical"):
+        second = resp.T @ x.square()
+    else:
+        second = x.new_zeros(())
+    return SufficientStatistics(
+        x.new_tensor(float(x.shape[0])), log_norm.sum(), resp.sum(0), resp.T @ x, second
+    )
+
+
+def m_step(
+    stats: SufficientStatistics, kind: str, reg_covar: float, constant_variance: float
+) -> GaussianMixtureParameters:
+    """Maximum-likelihood parameters from summed statistics (scikit-learn's M-step).
+
+    Raises:
+        ValueError: if a covariance is not positive definite (a collapsed component with
+            too small a ``reg_covar``).
+    """
+    nk = stats.resp + 10 * torch.finfo(stats.resp.dtype).eps  # an empty component stays finite
+    weights = nk / nk.sum()
+    means = stats.first / nk.unsqueeze(-1)
+    d = means.shape[-1]
+    eye = torch.eye(d, dtype=means.dtype, device=means.device)
+    if kind == "full":
+        cov = stats.second / nk[:, None, None] - means.unsqueeze(-1) * means.unsqueeze(-2)
+        cov = 0.5 * (cov + cov.mT) + reg_covar * eye
+    elif kind == "tied":
+        cov = (stats.second - (nk.unsqueeze(-1) * means).T @ means) / nk.sum()
+        cov = 0.5 * (cov + cov.T) + reg_covar * eye
+    elif kind in ("diag", "spherical"):
+        cov = (stats.second / nk.unsqueeze(-1) - means.square()).clamp_min(0) + reg_covar
+        if kind == "spherical":
+            cov = cov.mean(-1)
+    else:
+        cov = means.new_tensor(constant_variance)
+    return GaussianMixtureParameters(weights, means, cov, precision_cholesky(cov, kind))
+
+
+def precision_cholesky(covariances: Tensor, kind: str) -> Tensor:
+    """The upper factor P with ``P P^T = Sigma^{-1}`` (``1/sqrt`` for diagonal families).
+
+    Raises:
+        ValueError: if a covariance is not positive definite.
+    """
+    if kind in ("full", "tied"):
+        chol, info = torch.linalg.cholesky_ex(covariances)
+        if (info != 0).any():
+            raise ValueError(_ill_defined(covariances))
+        eye = torch.eye(covariances.shape[-1], dtype=chol.dtype, device=chol.device)
+        return torch.linalg.solve_triangular(chol, eye, upper=False).mT
+    if not (covariances > 0).all():
+        raise ValueError(_ill_defined(covariances))
+    return covariances.rsqrt()
+
+
+def precision_cholesky_from_precisions(precisions: Tensor, kind: str) -> Tensor:
+    """P from precision matrices (full, tied) or precisions (diagonal families).
+
+    Uses the Cholesky factor of the reversed matrix, so that P is upper triangular as in
+    scikit-learn. Raises ValueError if a precision is not positive definite.
+    """
+    if kind in ("full", "tied"):
+        flipped, info = torch.linalg.cholesky_ex(precisions.flip(-2, -1))
+        if (info != 0).any():
+            raise ValueError("precisions_init must be symmetric positive definite")
+        return flipped.flip(-2, -1)
+    if not (precisions > 0).all():
+        raise ValueError("precisions_init must be positive")
+    return precisions.sqrt()
+
+
+def precisions_from_cholesky(factor: Tensor, kind: str) -> Tensor:
+    """``P P^T`` (full, tied) or ``P^2`` (diagonal families)."""
+    return factor @ factor.mT if kind in ("full", "tied") else factor.square()
+
+
+def covariances_from_cholesky(factor: Tensor, kind: str) -> Tensor:
+    """The covariances whose precision factor is ``factor``."""
+    if kind in ("full", "tied"):
+        eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+        inverse = torch.linalg.solve_triangular(factor, eye, upper=True)
+        return inverse.mT @ inverse
+    return factor.square().reciprocal()
+
+
+def scale_from_covariances(covariances: Tensor, kind: str) -> Tensor:
+    """The ``scale`` argument of :class:`pyro_cwm.GaussianMixture` for these covariances."""
+    if kind in ("full", "tied"):
+        return torch.linalg.cholesky(covariances)
+    return covariances.sqrt()
+
+
+def num_parameters(kind: str, num_components: int, dim: int) -> int:
+    """Free parameters of a K-component mixture in d dimensions (for BIC and AIC)."""
+    cov = {
+        "full": num_components * dim * (dim + 1) // 2,
+        "tied": dim * (dim + 1) // 2,
+        "diag": num_components * dim,
+        "spherical": num_components,
+        "constant": 0,  # the variance is fixed, not estimated
+    }[kind]
+    return cov + num_components * dim + num_components - 1
+
+
+def _ill_defined(covariances: Tensor) -> str:
+    if covariances.dtype == torch.float32:
+        return ILL_DEFINED + (
+            " The numerical accuracy can also be improved by passing float64 data instead "
+            "of float32."
+        )
+    return ILL_DEFINED

@@ -139,7 +139,7 @@ class BayesianGMM:
     # ----------------------------------------------------------------------- priors
 
     def priors(self, dtype=None, device=None) -> dict[str, dist.Distribution]:
-        """The prior of each global site, batched over components where it has a K dim.
+        """The prior of each global site (in ``dtype``, on ``device``), batched over components.
 
         ``weights``: Dirichlet, event (K,); ``locs``, ``scales``: batch (K,), event (d,);
         ``corr_cholesky`` (only if :attr:`has_correlations`): batch (K,), event (d, d).
@@ -182,9 +182,12 @@ class BayesianGMM:
     def __call__(self, data: Tensor | None = None, num_points: int | None = None) -> Tensor:
         """Run the model; ``data`` (N, d) is observed, ``data=None`` draws ``num_points``.
 
-        Returns the observations (N, d) (the data, or the prior predictive draws).
+        Returns the observations (N, d) (the data, or the prior predictive draws). Tensors
+        are created in the dtype and on the device of ``data`` (torch's default dtype for
+        ``data=None``).
 
         Raises:
+            TypeError: if ``data`` is not a floating tensor.
             ValueError: if neither or conflicting ``data``/``num_points`` are given, or the
                 data are not of shape (N, d) or not finite.
         """

@@ -1,5 +1,12 @@
 """How pyro-cwm models are fitted: EM and maximum-likelihood loops, ELBOs, checkpoints, the CLI."""
 
+from inference.bayesian_gmm import (
+    LabelAlignment,
+    align_labels,
+    fit_bayesian_gmm_map_em,
+    fit_bayesian_gmm_svi,
+    sample_bayesian_gmm_nuts,
+)
 from inference.density import fit_density
 from inference.diagnostics import PSISDiagnostic, psis_diagnostic
 from inference.elbo import CWMELBO, unconstrained_log_joint
@@ -18,4 +25,9 @@ __all__ = [
     "psis_diagnostic",
     "to_inference_data",
     "unconstrained_log_joint",
+    "LabelAlignment",
+    "align_labels",
+    "fit_bayesian_gmm_map_em",
+    "fit_bayesian_gmm_svi",
+    "sample_bayesian_gmm_nuts",
 ]

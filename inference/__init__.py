@@ -1,8 +1,6 @@
 """How pyro-cwm models are fitted: EM and maximum-likelihood loops, ELBOs, checkpoints, the CLI."""
 
 from inference.bayesian_gmm import (
-    LabelAlignment,
-    align_labels,
     fit_bayesian_gmm_map_em,
     fit_bayesian_gmm_svi,
     sample_bayesian_gmm_nuts,
@@ -12,6 +10,7 @@ from inference.diagnostics import PSISDiagnostic, psis_diagnostic
 from inference.elbo import CWMELBO, unconstrained_log_joint
 from inference.gaussian_mixture_em import GaussianMixtureEM
 from inference.inference_data import to_inference_data
+from inference.labels import LabelAlignment, align_labels
 from inference.pretrain import em_pretrain
 from inference.svi import fit_svi
 

@@ -6,7 +6,6 @@ import torch
 from pyro.distributions.transforms import biject_to
 
 from inference.bayesian_gmm import (
-    align_labels,
     bayesian_gmm_init,
     enumerated_responsibilities,
     fit_bayesian_gmm_map_em,
@@ -15,6 +14,7 @@ from inference.bayesian_gmm import (
     posterior_responsibilities,
     sample_bayesian_gmm_nuts,
 )
+from inference.labels import align_labels
 from pyro_cwm.models import BayesianGMM
 
 DTYPE = torch.float64

@@ -30,12 +30,14 @@ from inference.gmm_families import (
     chunk_statistics,
     log_gaussian_probs,
     m_step,
+    second_order_features,
 )
 
 
 def weighted_log_probs(x: Tensor, params: GaussianMixtureParameters, kind: str) -> Tensor:
-    """``log pi_k + log N(x_n; mu_k, Sigma_k)`` for a chunk: (n, K)."""
-    return log_gaussian_probs(x, params, kind) + params.weights.log()
+    """``log pi_k + log N(x_n; mu_k, Sigma_k)`` for a chunk ``x`` (n, d): (n, K)."""
+    features = second_order_features(x, kind)
+    return log_gaussian_probs(features, params, kind) + params.weights.log()
 
 
 def expectation(
@@ -48,10 +50,11 @@ def expectation(
     """
     total = None
     for x in chunks:
-        log_joint = weighted_log_probs(x, params, kind)
+        features = second_order_features(x, kind)
+        log_joint = log_gaussian_probs(features, params, kind) + params.weights.log()
         log_norm = torch.logsumexp(log_joint, -1)
         resp = (log_joint - log_norm.unsqueeze(-1)).exp()
-        stats = chunk_statistics(x, resp, log_norm, kind)
+        stats = chunk_statistics(features, resp, log_norm, kind, x.shape[-1])
         total = stats if total is None else total + stats
     if total is None:
         raise ValueError("the data source gave no chunks")

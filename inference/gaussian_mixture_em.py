@@ -30,6 +30,7 @@ from inference.gmm_families import (
     precision_cholesky_from_precisions,
     precisions_from_cholesky,
     scale_from_covariances,
+    second_order_features,
 )
 from inference.kmeans import kmeans, kmeans_plus_plus_indices
 from pyro_cwm.distributions.gaussian_mixture import (
@@ -276,12 +277,14 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 f"{self.n_features_in_} features as input."
             )
 
-    def _chunk_size(self, dim: int) -> int:
+    def _chunk_size(self, dim: int, device: torch.device) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        k = self.n_components
-        budget = 2**25 // (k * dim) if self.covariance_type == "full" else 2**25 // (k + dim)
-        return max(1024, budget)
+        # Rows whose features and (n, K) terms take about 2**22 numbers on a CPU (cache
+        # sized), 2**26 on a GPU (few kernel launches).
+        width = dim * (dim + 3) // 2 if self.covariance_type in ("full", "tied") else 2 * dim
+        budget = 2**26 if device.type == "cuda" else 2**22
+        return max(256, budget // (width + self.n_components))
 
     def _generator(self) -> torch.Generator:
         state = self.random_state
@@ -332,7 +335,8 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 index = torch.randperm(n, generator=generator)[:k].to(x.device)
             resp = x.new_zeros(n, k)
             resp[index, torch.arange(k, device=x.device)] = 1.0
-        stats = chunk_statistics(x, resp, x.new_zeros(n), kind)
+        features = second_order_features(x, kind)
+        stats = chunk_statistics(features, resp, x.new_zeros(n), kind, x.shape[1])
         params = m_step(stats, kind, self.reg_covar, self.constant_variance)
         return self._apply_user_init(params, shift)
 
@@ -382,7 +386,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 "Expected n_samples >= n_components but got "
                 f"n_components = {self.n_components}, n_samples = {data.num_rows}"
             )
-        size = self._chunk_size(data.dim)
+        size = self._chunk_size(data.dim, data.device)
         shift = data.mean(size)
         chunks = data.chunks(size, shift)
         generator = self._generator()
@@ -440,7 +444,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         self._check_parameters()
         first = not (self.__sklearn_is_fitted__() and hasattr(self, "_running"))
         data = self._validate(X, reset=first, min_rows=1)
-        size = self._chunk_size(data.dim)
+        size = self._chunk_size(data.dim, data.device)
         kind = self.covariance_type
         if first:
             if data.num_rows < self.n_components:
@@ -501,7 +505,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
 
     def _weighted_log_probs(self, data: _Data) -> Tensor:
         params = self._params.shifted(self._shift)
-        size = self._chunk_size(data.dim)
+        size = self._chunk_size(data.dim, data.device)
         parts = [
             weighted_log_probs(x, params, self.covariance_type)
             for x in data.chunks(size, self._shift)

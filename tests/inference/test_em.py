@@ -6,7 +6,7 @@ import torch
 
 from inference import GaussianMixtureEM
 from inference.em import expectation, run_em
-from inference.gmm_families import chunk_statistics, m_step
+from inference.gmm_families import chunk_statistics, m_step, second_order_features
 from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
 
@@ -22,7 +22,8 @@ def random_start(x, k, kind, seed=0):
     g = torch.Generator().manual_seed(seed)
     resp = torch.rand(x.shape[0], k, generator=g, dtype=x.dtype)
     resp = resp / resp.sum(1, keepdim=True)
-    return m_step(chunk_statistics(x, resp, x.new_zeros(len(x)), kind), kind, 0.0, 1.0)
+    stats = chunk_statistics(second_order_features(x, kind), resp, x.new_zeros(len(x)), kind, 2)
+    return m_step(stats, kind, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)

@@ -16,10 +16,9 @@ statistics across devices (one all-reduce) before the M-step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -28,7 +27,7 @@ from inference.gmm_families import (
     GaussianMixtureParameters,
     SufficientStatistics,
     chunk_statistics,
-    log_gaussian_probs,
+    joint_log_probs,
     m_step,
     second_order_features,
 )
@@ -36,29 +35,38 @@ from inference.gmm_families import (
 
 def weighted_log_probs(x: Tensor, params: GaussianMixtureParameters, kind: str) -> Tensor:
     """``log pi_k + log N(x_n; mu_k, Sigma_k)`` for a chunk ``x`` (n, d): (n, K)."""
-    features = second_order_features(x, kind)
-    return log_gaussian_probs(features, params, kind) + params.weights.log()
+    return joint_log_probs(second_order_features(x, kind), params, kind).T
 
 
 def expectation(
-    chunks: Iterable[Tensor], params: GaussianMixtureParameters, kind: str
+    features: Iterable[Tensor], params: GaussianMixtureParameters, kind: str
 ) -> SufficientStatistics:
-    """E-step over all chunks: the summed statistics under ``params``.
+    """E-step over chunks given as features (see ``second_order_features``): summed stats.
 
     Raises:
-        ValueError: if no chunk is given or a log-likelihood is not finite.
+        ValueError: if no chunk is given.
     """
     total = None
-    for x in chunks:
-        features = second_order_features(x, kind)
-        log_joint = log_gaussian_probs(features, params, kind) + params.weights.log()
-        log_norm = torch.logsumexp(log_joint, -1)
-        resp = (log_joint - log_norm.unsqueeze(-1)).exp()
-        stats = chunk_statistics(features, resp, log_norm, kind, x.shape[-1])
+    dim = params.means.shape[-1]
+    for chunk in features:
+        log_joint = joint_log_probs(chunk, params, kind)  # (K, n)
+        # logsumexp and the responsibilities from a single exp pass.
+        top = log_joint.amax(0, keepdim=True)  # amax: max also computes indices, slowly
+        resp = log_joint.sub_(top).exp_()  # in place: log_joint is not used again
+        total_mass = resp.sum(0, keepdim=True)
+        resp /= total_mass
+        log_norm = (top + total_mass.log()).squeeze(0)
+        stats = chunk_statistics(chunk, resp, log_norm, kind, dim)
         total = stats if total is None else total + stats
     if total is None:
         raise ValueError("the data source gave no chunks")
     return total
+
+
+def feature_chunks(chunks: Iterable[Tensor], kind: str) -> Iterator[Tensor]:
+    """The second-order features of every data chunk, computed as they are needed."""
+    for x in chunks:
+        yield second_order_features(x, kind)
 
 
 @dataclass
@@ -91,6 +99,7 @@ def run_em(
     lower_bound: float = -math.inf,
     progress: bool = False,
     description: str = "EM",
+    cache_features: bool = False,
 ) -> EMRun:
     """Full-batch EM from ``params`` until the lower bound changes by less than ``tol``.
 
@@ -105,14 +114,23 @@ def run_em(
         constant_variance: the fixed variance of the ``constant`` family.
         lower_bound: the previous lower bound (warm start), for the first change.
         progress: show a tqdm bar with the lower bound.
+        cache_features: keep the chunks' features from the first pass for the next ones
+            (memory: N * m numbers, m = d(d+3)/2 for full and tied, 2d for diag).
 
     Raises:
         ValueError: if a covariance becomes singular or the likelihood not finite.
     """
     run = EMRun(params)
+    cached = None
     bar = tqdm(range(1, max_iter + 1), desc=description, disable=not progress, leave=False)
     for n_iter in bar:
-        stats = expectation(chunks(), run.params, kind)
+        if cached is not None:
+            features = cached
+        else:
+            features = feature_chunks(chunks(), kind)
+            if cache_features:
+                features = cached = list(features)
+        stats = expectation(features, run.params, kind)
         current = (stats.log_likelihood / stats.count).item()
         if not math.isfinite(current):
             raise ValueError(ILL_DEFINED)

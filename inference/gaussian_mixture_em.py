@@ -20,11 +20,18 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from inference.em import expectation, run_em, stepwise_statistics, weighted_log_probs
+from inference.em import (
+    expectation,
+    feature_chunks,
+    run_em,
+    stepwise_statistics,
+    weighted_log_probs,
+)
 from inference.gmm_families import (
     GaussianMixtureParameters,
     chunk_statistics,
     covariances_from_cholesky,
+    feature_width,
     m_step,
     num_parameters,
     precision_cholesky_from_precisions,
@@ -41,6 +48,7 @@ from pyro_cwm.distributions.gaussian_mixture import (
 
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 MEMMAP_INIT_ROWS = 100_000  # rows of a memory-mapped array used to initialize
+FEATURE_CACHE_BYTES = 2**28  # EM keeps the data's second-order features below this size
 
 
 class _Data:
@@ -280,11 +288,13 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     def _chunk_size(self, dim: int, device: torch.device) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        # Rows whose features and (n, K) terms take about 2**22 numbers on a CPU (cache
+        # Rows whose features and (K, n) terms take about 2**19 numbers on a CPU (cache
         # sized), 2**26 on a GPU (few kernel launches).
-        width = dim * (dim + 3) // 2 if self.covariance_type in ("full", "tied") else 2 * dim
-        budget = 2**26 if device.type == "cuda" else 2**22
-        return max(256, budget // (width + self.n_components))
+        width = feature_width(dim, self.covariance_type) + self.n_components
+        return max(256, (2**26 if device.type == "cuda" else 2**19) // width)
+
+    def _feature_bytes(self, data: _Data) -> int:
+        return data.num_rows * feature_width(data.dim, self.covariance_type) * data.dtype.itemsize
 
     def _generator(self) -> torch.Generator:
         state = self.random_state
@@ -313,6 +323,17 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         self, data: _Data, shift: Tensor, generator: torch.Generator
     ) -> GaussianMixtureParameters:
         """Parameters (of the data shifted by ``-shift``) from ``init_params``/``*_init``."""
+        given = (self.weights_init, self.means_init, self.precisions_init)
+        if all(value is not None for value in given) and self.covariance_type != "constant":
+            # Everything is given: what init_params would compute is overridden anyway.
+            k, d = self.n_components, data.dim
+            like = torch.zeros((), dtype=data.dtype, device=data.device)
+            return self._apply_user_init(
+                GaussianMixtureParameters(
+                    like.new_zeros(k), like.new_zeros(k, d), like, like
+                ),
+                shift,
+            )
         x = data.init_rows(MEMMAP_INIT_ROWS, generator) - shift
         n, k, kind = x.shape[0], self.n_components, self.covariance_type
         if self.init_params == "kmeans":
@@ -336,7 +357,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
             resp = x.new_zeros(n, k)
             resp[index, torch.arange(k, device=x.device)] = 1.0
         features = second_order_features(x, kind)
-        stats = chunk_statistics(features, resp, x.new_zeros(n), kind, x.shape[1])
+        stats = chunk_statistics(features, resp.T, x.new_zeros(n), kind, x.shape[1])
         params = m_step(stats, kind, self.reg_covar, self.constant_variance)
         return self._apply_user_init(params, shift)
 
@@ -408,6 +429,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 constant_variance=self.constant_variance,
                 lower_bound=bound,
                 progress=self.verbose > 0,
+                cache_features=self._feature_bytes(data) <= FEATURE_CACHE_BYTES,
             )
             if best is None or run.lower_bound > best_bound:
                 best, best_bound = run, run.lower_bound
@@ -458,7 +480,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         else:
             shift = self._shift
             params = self._params.shifted(shift)
-        stats = expectation(data.chunks(size, shift), params, kind)
+        stats = expectation(feature_chunks(data.chunks(size, shift), kind), params, kind)
         step = (self._updates + self.learning_offset) ** -self.learning_decay
         self._running = stepwise_statistics(self._running, stats, step)
         params = m_step(self._running, kind, self.reg_covar, self.constant_variance)

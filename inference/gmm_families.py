@@ -78,18 +78,23 @@ class SufficientStatistics:
         return SufficientStatistics(*(getattr(self, f.name) * factor for f in fields(self)))
 
 
+def feature_width(dim: int, kind: str) -> int:
+    """Number of columns of :func:`second_order_features` for d = ``dim``."""
+    quad = {"full": dim * (dim + 1) // 2, "tied": dim * (dim + 1) // 2, "diag": dim}
+    return dim + quad.get(kind, 1) + 1
+
+
 def second_order_features(x: Tensor, kind: str) -> Tensor:
-    """``[x, q(x)]`` for a chunk (n, d): the features that both EM steps are linear in.
+    """``[x, q(x), 1]`` for a chunk (n, d): the features that both EM steps are linear in.
 
     ``q(x)`` is ``x_i x_j`` for i <= j (full, tied), ``x^2`` (diag) or ``|x|^2``
-    (spherical, constant). The E-step's Mahalanobis terms are one matrix product of the
-    features with per-component weights, and the statistics are ``resp^T @ features``:
-    two large GEMMs per chunk instead of K small ones, and half the flops of whitening
-    every point for every component in the full family.
+    (spherical, constant). The E-step's joint log-densities are one matrix product of the
+    features with per-component weights (the constant column carries the normalizers),
+    and the statistics are ``resp @ features``: two large GEMMs per chunk instead of K
+    small ones, and half the flops of whitening every point for every component.
     """
     d = x.shape[-1]
-    width = {"full": d * (d + 3) // 2, "tied": d * (d + 3) // 2, "diag": 2 * d}.get(kind, d + 1)
-    out = x.new_empty(x.shape[0], width)
+    out = x.new_empty(x.shape[0], feature_width(d, kind))
     out[:, :d] = x
     if kind in ("full", "tied"):
         # Blocks x_i * x_{i..d-1}, in triu_indices order, written in place (a gather or a
@@ -99,9 +104,10 @@ def second_order_features(x: Tensor, kind: str) -> Tensor:
             torch.mul(x[:, i : i + 1], x[:, i:], out=out[:, start : start + d - i])
             start += d - i
     elif kind == "diag":
-        torch.square(x, out=out[:, d:])
+        torch.square(x, out=out[:, d:-1])
     else:
-        torch.sum(x.square(), -1, keepdim=True, out=out[:, d:])
+        torch.sum(x.square(), -1, keepdim=True, out=out[:, d:-1])
+    out[:, -1] = 1.0
     return out
 
 
@@ -120,14 +126,16 @@ def unpack_symmetric(packed: Tensor, dim: int) -> Tensor:
     return out
 
 
-def log_gaussian_probs(
+def joint_log_probs(
     features: Tensor, params: GaussianMixtureParameters, kind: str
 ) -> Tensor:
-    """``log N(x_n; mu_k, Sigma_k)`` for a chunk given its features: (n, K).
+    """``log pi_k + log N(x_n; mu_k, Sigma_k)`` of a chunk from its features: (K, n).
 
-    ``(x - mu)^T L (x - mu) = q(x) . w(L) - 2 x^T L mu + mu^T L mu`` with L the precision:
-    one matrix product. The expanded square is accurate on data centered near the means
-    (the EM loop centers the data), as in scikit-learn's diagonal families.
+    ``(x - mu)^T L (x - mu) = q(x) . w(L) - 2 x^T L mu + mu^T L mu`` with L the precision,
+    so the whole joint log-density is one matrix product. The expanded square is
+    accurate on data centered near the means (the EM loop centers the data), as in
+    scikit-learn's diagonal families. The component-major (K, n) layout keeps the
+    reductions over k and the statistics' product contiguous.
     """
     means, factor = params.means, params.precisions_cholesky
     d = means.shape[-1]
@@ -146,23 +154,25 @@ def log_gaussian_probs(
     else:  # spherical (K,), constant ()
         prec = factor.square().expand(means.shape[0])
         quad, lin = prec.unsqueeze(-1), means * prec.unsqueeze(-1)
-    weights = torch.cat([-2 * lin, quad], -1)  # (K, m)
-    const = (lin * means).sum(-1)
-    maha = features @ weights.T + const
-    log_det = log_det_precision_factor(factor, kind, d)
-    return log_det - 0.5 * (d * math.log(2 * math.pi) + maha.clamp_min(0))
+    log_det = log_det_precision_factor(factor, kind, d).expand(means.shape[0])
+    const = (
+        params.weights.log() + log_det
+        - 0.5 * (d * math.log(2 * math.pi) + (lin * means).sum(-1))
+    )
+    weights = torch.cat([lin, -0.5 * quad, const.unsqueeze(-1)], -1)  # (K, m)
+    return weights @ features.T
 
 
 def chunk_statistics(
     features: Tensor, resp: Tensor, log_norm: Tensor, kind: str, dim: int
 ) -> SufficientStatistics:
-    """Statistics of a chunk from its features (n, m) and responsibilities (n, K)."""
-    moments = resp.T @ features  # (K, m): first and second moments in one product
-    second = features[:, dim:].sum(0) if kind == "tied" else moments[:, dim:]
+    """Statistics of a chunk from its features (n, m) and responsibilities (K, n)."""
+    moments = resp @ features  # (K, m): every moment in one product
+    second = features[:, dim:-1].sum(0) if kind == "tied" else moments[:, dim:-1]
     return SufficientStatistics(
         features.new_tensor(float(features.shape[0])),
         log_norm.sum(),
-        resp.sum(0),
+        moments[:, -1],
         moments[:, :dim],
         second,
     )

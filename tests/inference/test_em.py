@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from inference import GaussianMixtureEM
-from inference.em import expectation, run_em
+from inference.em import expectation, feature_chunks, run_em
 from inference.gmm_families import chunk_statistics, m_step, second_order_features
 from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
@@ -22,7 +22,7 @@ def random_start(x, k, kind, seed=0):
     g = torch.Generator().manual_seed(seed)
     resp = torch.rand(x.shape[0], k, generator=g, dtype=x.dtype)
     resp = resp / resp.sum(1, keepdim=True)
-    stats = chunk_statistics(second_order_features(x, kind), resp, x.new_zeros(len(x)), kind, 2)
+    stats = chunk_statistics(second_order_features(x, kind), resp.T, x.new_zeros(len(x)), kind, 2)
     return m_step(stats, kind, 0.0, 1.0)
 
 
@@ -40,8 +40,8 @@ def test_log_likelihood_never_decreases_without_regularization(kind):
 def test_chunked_statistics_equal_one_pass(kind):
     x = torch.tensor(three_clusters()[0])
     params = random_start(x, 4, kind)
-    whole = expectation([x], params, kind)
-    chunked = expectation(torch.split(x, 77), params, kind)
+    whole = expectation(feature_chunks([x], kind), params, kind)
+    chunked = expectation(feature_chunks(torch.split(x, 77), kind), params, kind)
     for name in ("count", "log_likelihood", "resp", "first", "second"):
         assert torch.allclose(getattr(whole, name), getattr(chunked, name), rtol=1e-12)
 

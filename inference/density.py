@@ -72,7 +72,7 @@ def fit_density(
         validation_data: ``(data,)`` or ``(data, context)`` held out instead of a fraction.
         patience: stop after this many epochs without a better held-out NLL (None: never).
         em_pretraining: start from a diagonal Gaussian mixture fitted by EM on the training
-            data (see :func:`inference.em.em_pretrain`), unless resuming. The default
+            data (see :func:`inference.em_pretrain`), unless resuming. The default
             does so for models that support it (those with ``set_gaussian_mixture``).
         em_options: options of :class:`inference.GaussianMixtureEM` (diagonal family).
         grad_clip: clip the gradient norm to this value.

@@ -1,11 +1,13 @@
-"""Building blocks: classifiers (mixture weights), K-vectorized invertible maps, the CWM module."""
+"""Building blocks: classifiers, K-vectorized invertible maps, the CWM and GMM modules."""
 
 from pyro_cwm.nn.classifiers import ConstantWeights, SoftmaxClassifier
 from pyro_cwm.nn.cwm import CWM
+from pyro_cwm.nn.gmm import GMM
 from pyro_cwm.nn.maps import MAPS, AffineMaps, FlowMaps, LocationScaleMaps, build_maps
 
 __all__ = [
     "CWM",
+    "GMM",
     "MAPS",
     "AffineMaps",
     "ConstantWeights",

@@ -80,3 +80,47 @@ def plot_density(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_gaussian_mixture(
+    data: Tensor | np.ndarray,
+    weights: Tensor | np.ndarray,
+    means: Tensor | np.ndarray,
+    covariances: Tensor | np.ndarray,
+    path: str | Path,
+    labels: np.ndarray | None = None,
+) -> None:
+    """Draw 2-D data with each component's 1- and 2-sd ellipses; write a PNG to ``path``.
+
+    ``covariances`` are dense (K, 2, 2) matrices; ``labels`` (N,) colours the points.
+
+    Raises:
+        ValueError: if the data or the means are not 2-D.
+    """
+    from matplotlib.patches import Ellipse
+
+    data, weights, means, covariances = (
+        v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
+        for v in (data, weights, means, covariances)
+    )
+    if data.ndim != 2 or data.shape[1] != 2 or means.shape[-1] != 2:
+        raise ValueError(f"plot_gaussian_mixture draws 2-D data, got shape {data.shape}")
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    ax.scatter(data[:, 0], data[:, 1], s=3, c=labels, cmap="tab20", alpha=0.5, linewidths=0)
+    for k in range(means.shape[0]):
+        values, vectors = np.linalg.eigh(covariances[k])
+        angle = np.degrees(np.arctan2(vectors[1, -1], vectors[0, -1]))
+        for n_sd in (1, 2):
+            width, height = 2 * n_sd * np.sqrt(np.maximum(values[::-1], 0))
+            ax.add_patch(
+                Ellipse(means[k], width, height, angle=angle, fill=False, color="crimson",
+                        lw=1.5 / n_sd, alpha=0.9)
+            )
+        ax.annotate(f"{weights[k]:.2f}", means[k], color="crimson", fontsize=8, ha="center")
+    low, high = _limits(np.vstack([data, means]))
+    ax.set_xlim(low[0], high[0])
+    ax.set_ylim(low[1], high[1])
+    ax.set_title(f"Gaussian mixture, K={means.shape[0]} (1 and 2 sd; weights)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -3,7 +3,9 @@
 import json
 import math
 
-from inference.bench import density, vi
+import pytest
+
+from inference.bench import density, em, vi
 
 
 def test_vi_bench_runs_and_writes_its_table(tmp_path):
@@ -47,3 +49,18 @@ def test_density_bench_runs_and_writes_its_table(tmp_path):
     assert [r["model"] for r in rows][:2] == ["cwm", "realnvp"]
     assert all(math.isfinite(r["nll_logit"]) for r in rows)
     assert (tmp_path / "density.json").exists()
+
+
+def test_em_bench_runs_and_both_fits_reach_the_same_likelihood(tmp_path):
+    out = tmp_path / "em.json"
+    rows = em.main(
+        ["--sizes", "small", "--num-points", "3000", "--iters", "3", "--peers", "sklearn",
+         "--out", str(out)]
+    )
+    assert [(r["family"], r["method"]) for r in rows] == [
+        ("diag", "pyro-cwm"), ("diag", "sklearn"), ("full", "pyro-cwm"), ("full", "sklearn")
+    ]
+    # Same start, same number of iterations: the same fit (an end-to-end check).
+    assert rows[0]["mean_loglik"] == pytest.approx(rows[1]["mean_loglik"], rel=1e-10)
+    assert rows[2]["mean_loglik"] == pytest.approx(rows[3]["mean_loglik"], rel=1e-10)
+    assert json.loads(out.read_text()) == rows

@@ -35,6 +35,13 @@ def _param_values() -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()}
 
 
+def _buffer_values(guide) -> dict[str, torch.Tensor]:
+    """The guide's buffers (AutoCWM's preconditioner, set from its random starts)."""
+    if not isinstance(guide, torch.nn.Module):
+        return {}
+    return {name: b.detach().clone() for name, b in guide.named_buffers()}
+
+
 def fit_svi(
     model,
     guide,
@@ -58,15 +65,17 @@ def fit_svi(
         model, guide: a Pyro model and guide (an AutoCWM, any autoguide, or a callable).
         loss: the ELBO; default :class:`CWMELBO` for an AutoCWM, ``Trace_ELBO`` otherwise.
         num_steps: maximum number of steps.
-        optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": 1e-2})``.
+        optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": 1e-2})``. A learning-rate
+            schedule (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is
+            stepped once per SVI step.
         device: move tensor arguments there (e.g. ``"cuda"``); by default they stay where
             they are, and parameters are created where the model's data are.
         progress: show a tqdm bar with the running loss.
         patience: stop when the exponentially smoothed loss has not improved by
             ``min_delta`` for this many steps (None: never stop early).
         smoothing: weight of the past in the smoothed loss (0 <= smoothing < 1).
-        checkpoint: path of a checkpoint (parameters, optimizer state, RNG state and
-            history) written every ``checkpoint_every`` steps and at the end; with
+        checkpoint: path of a checkpoint (parameters, the guide's buffers, optimizer state,
+            RNG state and history) written every ``checkpoint_every`` steps and at the end; with
             ``resume``, an existing checkpoint is continued.
 
     Returns:
@@ -105,6 +114,10 @@ def fit_svi(
             for name, param in pyro.get_param_store().named_parameters():
                 if name in state["params"]:
                     param.copy_(state["params"][name])
+            buffers = dict(guide.named_buffers()) if isinstance(guide, torch.nn.Module) else {}
+            for name, value in state.get("buffers", {}).items():
+                if name in buffers:
+                    buffers[name].copy_(value)
         optim.set_state(state["optim"])
         torch.set_rng_state(state["rng"])
         history = state["history"]
@@ -116,6 +129,7 @@ def fit_svi(
             checkpoint,
             {
                 "params": _param_values(),
+                "buffers": _buffer_values(guide),
                 "optim": optim.get_state(),
                 "rng": torch.get_rng_state(),
                 "history": history,
@@ -145,6 +159,8 @@ def fit_svi(
                 "step (try a smaller learning rate)"
             )
         optim(params)
+        if isinstance(optim, pyro.optim.PyroLRScheduler):
+            optim.step()
         zero_grads(params)
         previous = history["smoothed_loss"][-1] if history["smoothed_loss"] else value
         smoothed = smoothing * previous + (1 - smoothing) * value

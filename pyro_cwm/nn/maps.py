@@ -261,3 +261,40 @@ def build_maps(
     if kind not in MAPS:
         raise ValueError(f"map must be one of {sorted(MAPS)}, got {kind!r}")
     return MAPS[kind](dim, num_components, context_dim, **options)
+
+
+class PreconditionedMaps(nn.Module):
+    """K maps followed by one fixed affine map shared by all: ``x_k = shift + A S_k(z)``.
+
+    ``A`` (d, d, invertible) and ``shift`` (d,) are buffers, not parameters: a
+    preconditioner that makes the inner maps' parameters well scaled (AutoCWM sets it
+    from the curvature of the log density at its best start). The inner maps module is
+    held, not copied; its parameters live in the coordinates ``y = A^{-1}(x - shift)``.
+    ``log|det dT_k^{-1}/dx| = ladj_inner - log|det A|``.
+    """
+
+    def __init__(self, maps: nn.Module, shift: Tensor, matrix: Tensor) -> None:
+        super().__init__()
+        self.maps = maps
+        self.dim, self.num_components = maps.dim, maps.num_components
+        self.context_dim = maps.context_dim
+        if shift.shape != (self.dim,) or matrix.shape != (self.dim, self.dim):
+            raise ValueError(
+                f"shift and matrix must have shapes ({self.dim},) and ({self.dim}, {self.dim}), "
+                f"got {tuple(shift.shape)} and {tuple(matrix.shape)}"
+            )
+        self.register_buffer("shift", shift.detach().clone())
+        self.register_buffer("matrix", matrix.detach().clone())
+        self.register_buffer("inverse_matrix", torch.linalg.inv(self.matrix))
+        self.register_buffer("log_abs_det", torch.linalg.slogdet(self.matrix)[1])
+
+    def to_inner(self, x: Tensor) -> Tensor:
+        """The preconditioned coordinates ``A^{-1}(x - shift)`` of points x (..., d)."""
+        return (x - self.shift) @ self.inverse_matrix.T
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.shift + self.maps(z, context) @ self.matrix.T
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        z, ladj = self.maps.inverse(self.to_inner(x), context)
+        return z, ladj - self.log_abs_det

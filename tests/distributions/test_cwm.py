@@ -16,6 +16,7 @@ from torch.distributions import (
 
 from pyro_cwm import CWM, ClassifierWeightedMixture
 from pyro_cwm.nn import ConstantWeights, build_maps
+from pyro_cwm.nn.maps import PreconditionedMaps
 from tests.helpers import (
     MAP_KINDS,
     binned_goodness_of_fit,
@@ -271,3 +272,25 @@ class TestBadInput:
             CWM(2, 3, context_dim=2)(torch.zeros(4, 3))
         with pytest.raises(ValueError, match="context"):
             CWM(2, 3, context_dim=2)(torch.tensor([[0.0, math.nan]]))
+
+
+def test_preconditioned_maps_invert_and_count_the_shared_jacobian():
+    torch.manual_seed(0)
+    d, K = 3, 2
+    inner = build_maps("location_scale", d, K).double()
+    with torch.no_grad():
+        for p in inner.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    matrix = torch.randn(d, d, dtype=torch.float64) + 2 * torch.eye(d, dtype=torch.float64)
+    shift = torch.randn(d, dtype=torch.float64)
+    maps = PreconditionedMaps(inner, shift, matrix)
+    z = torch.randn(5, d, dtype=torch.float64)
+    x = maps(z)
+    assert x.shape == (5, K, d)
+    back, ladj = maps.inverse(x[:, 0])
+    assert torch.allclose(back[:, 0], z, atol=1e-10)
+    # ladj_k = log|det dT_k^{-1}/dx| from the Jacobian of T_0 by autograd.
+    jac = torch.autograd.functional.jacobian(lambda v: maps(v)[0], z[0])
+    assert torch.allclose(ladj[0, 0], -torch.linalg.slogdet(jac)[1])
+    with pytest.raises(ValueError, match="shift and matrix"):
+        PreconditionedMaps(inner, shift[:2], matrix)

@@ -122,3 +122,15 @@ def test_runs_on_cuda():
     guide = AutoCWM(eight_schools, num_components=2)
     fit_svi(eight_schools, guide, Y, SIGMA, num_steps=5, device="cuda", progress=False)
     assert guide.cwm.reference_loc.is_cuda
+
+
+def test_a_learning_rate_schedule_is_stepped_once_per_step():
+    y = torch.randn(20)
+    guide = AutoCWM(gaussian_model, num_components=1)
+    optim = pyro.optim.LambdaLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.01}, "lr_lambda": lambda s: 0.5**s}
+    )
+    fit_svi(gaussian_model, guide, y, num_steps=4, progress=False, optim=optim)
+    schedulers = list(optim.optim_objs.values())
+    assert schedulers and all(s.last_epoch == 4 for s in schedulers)
+    assert all(s.optimizer.param_groups[0]["lr"] == 0.01 * 0.5**4 for s in schedulers)

@@ -1,0 +1,114 @@
+"""Hessians, Newton refinement and the Laplace start of AutoCWM, against closed forms."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference import CWMELBO, fit_svi
+from pyro_cwm.guides import AutoCWM
+from pyro_cwm.guides.laplace import (
+    laplace_preconditioner,
+    laplace_scales,
+    log_joint_derivatives,
+    newton_refine,
+)
+
+# A kilpisjarvi-like posterior: correlation -0.99999, scales 30 and 0.0075.
+COV = torch.tensor([[900.0, -0.2249991], [-0.2249991, 5.625e-5]], dtype=torch.float64)
+MEAN = torch.tensor([-61.0, 0.0176], dtype=torch.float64)
+
+
+def gaussian_log_joint(u):
+    return dist.MultivariateNormal(MEAN, COV).log_prob(u)
+
+
+def gaussian_model():
+    pyro.sample("x", dist.MultivariateNormal(MEAN, COV))
+
+
+def test_hessians_of_many_points_are_exact():
+    u = torch.randn(3, 2, dtype=torch.float64)
+    log_p, grad, hess = log_joint_derivatives(gaussian_log_joint, u)
+    precision = torch.linalg.inv(COV)
+    assert torch.allclose(log_p, gaussian_log_joint(u))
+    assert torch.allclose(grad, -(u - MEAN) @ precision)
+    assert torch.allclose(hess, -precision.expand(3, 2, 2), rtol=1e-9)
+
+
+def test_hessian_of_a_linear_log_density_is_zero():
+    log_p, grad, hess = log_joint_derivatives(lambda u: u.sum(-1), torch.zeros(2, 3))
+    assert torch.equal(hess, torch.zeros(2, 3, 3)) and torch.equal(grad, torch.ones(2, 3))
+
+
+def test_newton_crosses_a_narrow_ridge_that_adam_cannot():
+    start = torch.tensor([9.0, 0.0], dtype=torch.float64)
+    mode, converged = newton_refine(gaussian_log_joint, start)
+    assert converged
+    assert torch.allclose(mode, MEAN, rtol=1e-6)
+
+
+def test_newton_reports_no_mode_where_there_is_none():
+    # Unbounded above: every step improves, none converges.
+    _, converged = newton_refine(
+        lambda u: u.sum(-1) - 1e-3 * u.pow(2).sum(-1).sqrt(), torch.zeros(1, 2)[0], steps=5
+    )
+    assert not converged
+
+
+def test_preconditioner_gives_unit_principal_axes_above_the_floor():
+    precision = torch.linalg.inv(COV)
+    matrix = laplace_preconditioner(precision, floor=1e-3)
+    # Principal sds ~2e-5 and 30: the wide axis gets unit width, the narrow one (below the
+    # floor) width sd / floor.
+    narrow = torch.linalg.eigvalsh(COV).min().sqrt()
+    whitened = matrix.T @ precision @ matrix
+    widths = torch.linalg.eigvalsh(whitened).rsqrt().sort().values
+    assert torch.allclose(widths, torch.stack((narrow / 1e-3, torch.tensor(1.0).double())))
+    scales = laplace_scales(precision[None], matrix, default=0.1)
+    assert scales.shape == (1, 2) and (scales <= 1).all()
+    # Without curvature the default scale is used.
+    assert torch.equal(
+        laplace_scales(-precision[None], matrix, 0.1), torch.full((1, 2), 0.1, dtype=COV.dtype)
+    )
+
+
+def test_autocwm_starts_at_the_laplace_approximation_of_a_correlated_posterior():
+    guide = AutoCWM(gaussian_model, num_components=2)
+    guide()
+    posterior = guide.get_posterior()
+    # Component 0 is the Laplace approximation: here the exact posterior.
+    component = posterior.maps(torch.zeros(2, dtype=torch.float64))[0]
+    assert torch.allclose(component, MEAN, rtol=1e-6)
+    x = dist.MultivariateNormal(MEAN, COV).sample((2000,))
+    exact = dist.MultivariateNormal(MEAN, COV).log_prob(x)
+    # Mixture of two components of weight 1/2: component 0 alone gives log q >= log p - log 2.
+    assert (posterior.log_prob(x) >= exact - math.log(2) - 1e-6).all()
+
+
+def test_autocwm_fits_a_correlated_posterior_that_adam_alone_cannot():
+    guide = AutoCWM(gaussian_model, num_components=1)
+    fit_svi(gaussian_model, guide, num_steps=300, progress=False, loss=CWMELBO(num_particles=4))
+    samples = guide.get_posterior().sample((4000,))
+    assert ((samples.mean(0) - MEAN) / COV.diagonal().sqrt()).abs().max() < 0.15
+    ratio = samples.std(0) / COV.diagonal().sqrt()
+    assert ((ratio > 0.8) & (ratio < 1.2)).all()
+    corr = torch.corrcoef(samples.T)[0, 1]
+    assert corr < -0.999
+
+
+def test_without_laplace_the_start_is_isotropic():
+    guide = AutoCWM(gaussian_model, num_components=2, laplace=False, init_scale=0.2)
+    guide()
+    maps = guide.get_posterior().maps
+    assert torch.equal(maps.matrix, torch.eye(2, dtype=maps.matrix.dtype))
+    assert torch.allclose(guide.cwm.maps.loc_log_scale()[1].exp(), torch.tensor(0.2).double())
+
+
+def test_bad_laplace_options():
+    with pytest.raises(ValueError, match="laplace_floor"):
+        AutoCWM(gaussian_model, laplace_floor=0.0)
+    with pytest.raises(ValueError, match="newton_steps"):
+        AutoCWM(gaussian_model, newton_steps=-1)

@@ -1,12 +1,15 @@
-"""Reading data files for the command line: CSV (optional header) and .npy."""
+"""Data for the command line: CSV (optional header) and .npy files, built-in examples, devices."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from inference.cli.errors import CLIError
+from pyro_cwm.data.toy import EXAMPLES, make_example
 
 
 def _is_number(token: str) -> bool:
@@ -59,3 +62,34 @@ def load_table(path: str | Path, name: str = "DATA") -> np.ndarray:
             f"{name}: {path} contains NaN or inf (first at data row {int(np.argmax(bad))})"
         )
     return array.astype(np.float64)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data source of a command: a file, or ``--example`` with ``--num-points``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "data", nargs="?", help="CSV (optional header) or .npy file, one point per row"
+    )
+    source.add_argument("--example", choices=sorted(EXAMPLES), help="use a built-in example")
+    parser.add_argument("--num-points", type=int, default=5000, help="points drawn for --example")
+
+
+def read_data(args: argparse.Namespace) -> np.ndarray:
+    """The table (N, D) named by :func:`add_data_arguments`'s options (``args.seed`` seeds
+    the examples). Raises CLIError for a bad file or ``--num-points``."""
+    if args.example:
+        if args.num_points < 2:
+            raise CLIError(f"--num-points must be >= 2, got {args.num_points}")
+        return make_example(args.example, args.num_points, seed=args.seed).double().numpy()
+    return load_table(args.data)
+
+
+def parse_device(text: str) -> torch.device:
+    """``--device`` as a torch device; CLIError if malformed or CUDA is not available."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise CLIError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for but no CUDA device is available")
+    return device

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from inference.cli.data_files import load_table
+from inference.cli.data_files import add_data_arguments, parse_device, read_data
 from inference.cli.errors import CLIError
 from inference.density import fit_density
 from inference.plots import plot_density
-from pyro_cwm.data.toy import EXAMPLES, make_example
 from pyro_cwm.nn.cwm import CWM
 from pyro_cwm.nn.maps import MAPS
 
@@ -35,14 +34,7 @@ def register(subparsers) -> None:
         description="Fit a Classifier Weighted Mixture to the rows of a CSV or .npy file (or a "
         "built-in example) and write the model, a JSON report and, for 1-D/2-D data, a PNG.",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "data", nargs="?", help="CSV (optional header) or .npy file, one point per row"
-    )
-    source.add_argument(
-        "--example", choices=sorted(EXAMPLES), help="use a built-in example instead"
-    )
-    p.add_argument("--num-points", type=int, default=5000, help="points drawn for --example")
+    add_data_arguments(p)
     p.add_argument(
         "--context-columns",
         type=int,
@@ -71,12 +63,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.components < 1:
         raise CLIError(f"--components must be >= 1, got {args.components}")
-    if args.example:
-        if args.num_points < 2:
-            raise CLIError(f"--num-points must be >= 2, got {args.num_points}")
-        table = make_example(args.example, args.num_points, seed=args.seed).double().numpy()
-    else:
-        table = load_table(args.data)
+    table = read_data(args)
     c = args.context_columns
     if c < 0 or c >= table.shape[1]:
         raise CLIError(f"--context-columns must be in [0, {table.shape[1] - 1}], got {c}")
@@ -84,12 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"--components ({args.components}) exceeds the number of points ({table.shape[0]})"
         )
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise CLIError(f"--device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for but no CUDA device is available")
+    device = parse_device(args.device)
     dtype = torch.float64 if args.float64 else torch.float32
     tensor = torch.as_tensor(table, dtype=dtype, device=device)
     data = tensor[:, : tensor.shape[1] - c]

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from inference.cli.data_files import load_table
+from inference.cli.data_files import add_data_arguments, parse_device, read_data
 from inference.cli.errors import CLIError
 from inference.gaussian_mixture_em import INIT_PARAMS, GaussianMixtureEM
 from inference.plots import plot_gaussian_mixture
-from pyro_cwm.data.toy import EXAMPLES, make_example
 from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
 
@@ -43,12 +42,7 @@ def register(subparsers) -> None:
         "built-in example), optionally choosing K by BIC, and write a JSON report, the "
         "labels and, for 2-D data, a plot of the fitted ellipses.",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "data", nargs="?", help="CSV (optional header) or .npy file, one point per row"
-    )
-    source.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example")
-    p.add_argument("--num-points", type=int, default=5000, help="points drawn for --example")
+    add_data_arguments(p)
     p.add_argument("-k", "--components", type=int, default=5, help="number of components K")
     p.add_argument(
         "--select-k",
@@ -90,18 +84,8 @@ def _fit(table: np.ndarray, k: int, args: argparse.Namespace) -> GaussianMixture
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.example:
-        if args.num_points < 2:
-            raise CLIError(f"--num-points must be >= 2, got {args.num_points}")
-        table = make_example(args.example, args.num_points, seed=args.seed).double().numpy()
-    else:
-        table = load_table(args.data)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise CLIError(f"--device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for but no CUDA device is available")
+    table = read_data(args)
+    device = parse_device(args.device)
     candidates = args.select_k or [args.components]
     if candidates[-1] > table.shape[0]:
         raise CLIError(f"K ({candidates[-1]}) exceeds the number of points ({table.shape[0]})")

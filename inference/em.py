@@ -26,6 +26,8 @@ from inference.gmm_families import (
     ILL_DEFINED,
     GaussianMixtureParameters,
     SufficientStatistics,
+    centered_joint_log_probs,
+    centered_statistics,
     chunk_statistics,
     joint_log_probs,
     m_step,
@@ -33,9 +35,25 @@ from inference.gmm_families import (
 )
 
 
-def weighted_log_probs(x: Tensor, params: GaussianMixtureParameters, kind: str) -> Tensor:
+def weighted_log_probs(
+    x: Tensor, params: GaussianMixtureParameters, kind: str, centered: bool = False
+) -> Tensor:
     """``log pi_k + log N(x_n; mu_k, Sigma_k)`` for a chunk ``x`` (n, d): (n, K)."""
+    if centered:
+        return centered_joint_log_probs(x, params, kind)[0].T
     return joint_log_probs(second_order_features(x, kind), params, kind).T
+
+
+def _responsibilities(log_joint: Tensor) -> tuple[Tensor, Tensor]:
+    """Responsibilities (K, n) and log-normalizers (n,) from joint log-densities (K, n).
+
+    One exp pass serves both (``log_joint`` is overwritten).
+    """
+    top = log_joint.amax(0, keepdim=True)  # amax: max also computes indices, slowly
+    resp = log_joint.sub_(top).exp_()
+    total_mass = resp.sum(0, keepdim=True)
+    resp /= total_mass
+    return resp, (top + total_mass.log()).squeeze(0)
 
 
 def expectation(
@@ -49,14 +67,27 @@ def expectation(
     total = None
     dim = params.means.shape[-1]
     for chunk in features:
-        log_joint = joint_log_probs(chunk, params, kind)  # (K, n)
-        # logsumexp and the responsibilities from a single exp pass.
-        top = log_joint.amax(0, keepdim=True)  # amax: max also computes indices, slowly
-        resp = log_joint.sub_(top).exp_()  # in place: log_joint is not used again
-        total_mass = resp.sum(0, keepdim=True)
-        resp /= total_mass
-        log_norm = (top + total_mass.log()).squeeze(0)
+        resp, log_norm = _responsibilities(joint_log_probs(chunk, params, kind))
         stats = chunk_statistics(chunk, resp, log_norm, kind, dim)
+        total = stats if total is None else total + stats
+    if total is None:
+        raise ValueError("the data source gave no chunks")
+    return total
+
+
+def centered_expectation(
+    chunks: Iterable[Tensor], params: GaussianMixtureParameters, kind: str
+) -> SufficientStatistics:
+    """E-step over data chunks (n, d) in the centered scheme: summed stats about the means.
+
+    Raises:
+        ValueError: if no chunk is given.
+    """
+    total = None
+    for x in chunks:
+        log_joint, diff = centered_joint_log_probs(x, params, kind)
+        resp, log_norm = _responsibilities(log_joint)
+        stats = centered_statistics(diff, resp, log_norm, kind, params.means)
         total = stats if total is None else total + stats
     if total is None:
         raise ValueError("the data source gave no chunks")
@@ -100,6 +131,7 @@ def run_em(
     progress: bool = False,
     description: str = "EM",
     cache_features: bool = False,
+    centered: bool = False,
 ) -> EMRun:
     """Full-batch EM from ``params`` until the lower bound changes by less than ``tol``.
 
@@ -116,6 +148,8 @@ def run_em(
         progress: show a tqdm bar with the lower bound.
         cache_features: keep the chunks' features from the first pass for the next ones
             (memory: N * m numbers, m = d(d+3)/2 for full and tied, 2d for diag).
+        centered: use the centered scheme (accurate in float32; see
+            :mod:`inference.gmm_families`) instead of the feature scheme.
 
     Raises:
         ValueError: if a covariance becomes singular or the likelihood not finite.
@@ -124,13 +158,16 @@ def run_em(
     cached = None
     bar = tqdm(range(1, max_iter + 1), desc=description, disable=not progress, leave=False)
     for n_iter in bar:
-        if cached is not None:
-            features = cached
+        if centered:
+            stats = centered_expectation(chunks(), run.params, kind)
         else:
-            features = feature_chunks(chunks(), kind)
-            if cache_features:
-                features = cached = list(features)
-        stats = expectation(features, run.params, kind)
+            if cached is not None:
+                features = cached
+            else:
+                features = feature_chunks(chunks(), kind)
+                if cache_features:
+                    features = cached = list(features)
+            stats = expectation(features, run.params, kind)
         current = (stats.log_likelihood / stats.count).item()
         if not math.isfinite(current):
             raise ValueError(ILL_DEFINED)

@@ -9,8 +9,10 @@ the fitted device) or memory-mapped arrays larger than memory (read in chunks).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import operator
 import warnings
 
 import numpy as np
@@ -29,6 +31,8 @@ from inference.em import (
 )
 from inference.gmm_families import (
     GaussianMixtureParameters,
+    SufficientStatistics,
+    centered_statistics,
     chunk_statistics,
     covariances_from_cholesky,
     feature_width,
@@ -285,13 +289,23 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 f"{self.n_features_in_} features as input."
             )
 
-    def _chunk_size(self, dim: int, device: torch.device) -> int:
+    def _chunk_size(self, dim: int, device: torch.device, dtype: torch.dtype) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        # Rows whose features and (K, n) terms take about 2**19 numbers on a CPU (cache
+        # Rows whose per-chunk temporaries take about 2**19 numbers on a CPU (cache
         # sized), 2**26 on a GPU (few kernel launches).
-        width = feature_width(dim, self.covariance_type) + self.n_components
+        k = self.n_components
+        if self._centered(dtype):
+            width = k * (dim + 1)  # the differences x_n - mu_k
+        else:
+            width = feature_width(dim, self.covariance_type) + k
         return max(256, (2**26 if device.type == "cuda" else 2**19) // width)
+
+    @staticmethod
+    def _centered(dtype: torch.dtype) -> bool:
+        # float32 whitens per component (accurate far from the means); float64 takes the
+        # faster feature products. See inference.gmm_families.
+        return dtype == torch.float32
 
     def _feature_bytes(self, data: _Data) -> int:
         return data.num_rows * feature_width(data.dim, self.covariance_type) * data.dtype.itemsize
@@ -356,10 +370,26 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 index = torch.randperm(n, generator=generator)[:k].to(x.device)
             resp = x.new_zeros(n, k)
             resp[index, torch.arange(k, device=x.device)] = 1.0
-        features = second_order_features(x, kind)
-        stats = chunk_statistics(features, resp.T, x.new_zeros(n), kind, x.shape[1])
-        params = m_step(stats, kind, self.reg_covar, self.constant_variance)
+        params = m_step(self._statistics(x, resp), kind, self.reg_covar, self.constant_variance)
         return self._apply_user_init(params, shift)
+
+    def _statistics(self, x: Tensor, resp: Tensor) -> SufficientStatistics:
+        """Statistics of in-memory data (n, d) with given responsibilities (n, K)."""
+        kind, size = self.covariance_type, self._chunk_size(x.shape[1], x.device, x.dtype)
+        zeros = x.new_zeros(x.shape[0])
+        pieces = zip(torch.split(x, size), torch.split(resp, size), torch.split(zeros, size))
+        if not self._centered(x.dtype):
+            parts = (
+                chunk_statistics(second_order_features(xc, kind), rc.T, lc, kind, x.shape[1])
+                for xc, rc, lc in pieces
+            )
+        else:  # moments about the responsibility-weighted means, for accuracy
+            center = (resp.T @ x) / (resp.sum(0) + 10 * torch.finfo(x.dtype).eps).unsqueeze(-1)
+            parts = (
+                centered_statistics(xc.unsqueeze(0) - center.unsqueeze(1), rc.T, lc, kind, center)
+                for xc, rc, lc in pieces
+            )
+        return functools.reduce(operator.add, parts)
 
     def _apply_user_init(
         self, params: GaussianMixtureParameters, shift: Tensor
@@ -407,7 +437,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 "Expected n_samples >= n_components but got "
                 f"n_components = {self.n_components}, n_samples = {data.num_rows}"
             )
-        size = self._chunk_size(data.dim, data.device)
+        size = self._chunk_size(data.dim, data.device, data.dtype)
         shift = data.mean(size)
         chunks = data.chunks(size, shift)
         generator = self._generator()
@@ -430,6 +460,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 lower_bound=bound,
                 progress=self.verbose > 0,
                 cache_features=self._feature_bytes(data) <= FEATURE_CACHE_BYTES,
+                centered=self._centered(data.dtype),
             )
             if best is None or run.lower_bound > best_bound:
                 best, best_bound = run, run.lower_bound
@@ -466,7 +497,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         self._check_parameters()
         first = not (self.__sklearn_is_fitted__() and hasattr(self, "_running"))
         data = self._validate(X, reset=first, min_rows=1)
-        size = self._chunk_size(data.dim, data.device)
+        size = self._chunk_size(data.dim, data.device, data.dtype)
         kind = self.covariance_type
         if first:
             if data.num_rows < self.n_components:
@@ -527,9 +558,9 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
 
     def _weighted_log_probs(self, data: _Data) -> Tensor:
         params = self._params.shifted(self._shift)
-        size = self._chunk_size(data.dim, data.device)
+        size = self._chunk_size(data.dim, data.device, data.dtype)
         parts = [
-            weighted_log_probs(x, params, self.covariance_type)
+            weighted_log_probs(x, params, self.covariance_type, self._centered(data.dtype))
             for x in data.chunks(size, self._shift)
         ]
         return torch.cat(parts)

@@ -4,6 +4,12 @@ The EM loop (:mod:`inference.em`) is written once; this module holds, per family
 three things it needs: the E-step log-densities of a chunk of points, the sufficient
 statistics of a chunk given its responsibilities, and the M-step from summed statistics.
 
+Two schemes compute the first two. The feature scheme (float64 default) writes both as
+matrix products with the features ``[x, q(x), 1]`` of :func:`second_order_features`:
+fast, with moments about the origin of the (centered) data. The centered scheme (float32
+default) whitens ``x_n - mu_k`` per component and takes moments about the E-step's means:
+twice the flops, but accurate in single precision however far apart the clusters are.
+
 The statistics are sums over points (``N_k = sum_n r_nk``, ``S1_k = sum_n r_nk x_n`` and a
 family-specific second moment), so chunks, data streams and devices combine by adding
 them. The parameters follow scikit-learn's conventions: ``covariances`` of shape
@@ -53,14 +59,20 @@ class GaussianMixtureParameters:
 class SufficientStatistics:
     """Additive EM statistics of a set of points (sums, so they combine across chunks).
 
+    The moments are taken about ``center``: the origin (None) in the feature scheme, the
+    E-step's component means (K, d) in the centered scheme.
+
     Attributes:
         count: number of points.
         log_likelihood: sum of the points' log-likelihoods under the E-step parameters.
         resp: ``N_k`` (K,).
-        first: ``sum_n r_nk x_n`` (K, d).
-        second: the upper triangles of ``sum_n r_nk x_n x_n^T`` (K, P) for full, of
-            ``sum_n x_n x_n^T`` (P,) for tied (P = d(d+1)/2); ``sum_n r_nk x_n^2`` (K, d)
-            for diag; ``sum_n r_nk |x_n|^2`` (K, 1) for spherical and constant.
+        first: ``sum_n r_nk (x_n - c_k)`` (K, d).
+        second: about the origin, the upper triangles of ``sum_n r_nk x_n x_n^T`` (K, P)
+            for full, of ``sum_n x_n x_n^T`` (P,) for tied (P = d(d+1)/2); about the
+            means, ``sum_n r_nk (x_n - c_k)(x_n - c_k)^T`` (K, d, d) for full and tied.
+            For diag ``sum_n r_nk (x_n - c_k)^2`` (K, d); for spherical and constant
+            ``sum_n r_nk |x_n - c_k|^2`` (K, 1).
+        center: None, or the component centers c (K, d) shared by every added term.
     """
 
     count: Tensor
@@ -68,14 +80,17 @@ class SufficientStatistics:
     resp: Tensor
     first: Tensor
     second: Tensor
+    center: Tensor | None = None
+
+    _SUMS = ("count", "log_likelihood", "resp", "first", "second")
 
     def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
-        return SufficientStatistics(
-            *(getattr(self, f.name) + getattr(other, f.name) for f in fields(self))
-        )
+        sums = (getattr(self, name) + getattr(other, name) for name in self._SUMS)
+        return SufficientStatistics(*sums, center=self.center)
 
     def scaled(self, factor: float) -> SufficientStatistics:
-        return SufficientStatistics(*(getattr(self, f.name) * factor for f in fields(self)))
+        sums = (getattr(self, name) * factor for name in self._SUMS)
+        return SufficientStatistics(*sums, center=self.center)
 
 
 def feature_width(dim: int, kind: str) -> int:
@@ -178,6 +193,51 @@ def chunk_statistics(
     )
 
 
+def centered_joint_log_probs(
+    x: Tensor, params: GaussianMixtureParameters, kind: str
+) -> tuple[Tensor, Tensor]:
+    """``log pi_k + log N(x_n; mu_k, Sigma_k)`` (K, n) by whitening every difference.
+
+    The accurate scheme (scikit-learn's for the full family): no expanded square, so no
+    cancellation when the clusters are far apart relative to their widths, at twice the
+    flops of the feature scheme. Returns the differences ``x_n - mu_k`` (K, n, d) too,
+    for :func:`centered_statistics`.
+    """
+    means, factor = params.means, params.precisions_cholesky
+    d = means.shape[-1]
+    diff = x.unsqueeze(0) - means.unsqueeze(1)  # (K, n, d)
+    if kind in ("full", "tied"):
+        maha = (diff @ factor).square().sum(-1)
+    elif kind == "diag":
+        maha = (diff * factor.unsqueeze(1)).square().sum(-1)
+    else:  # spherical (K,), constant ()
+        maha = diff.square().sum(-1) * factor.square().expand(means.shape[0]).unsqueeze(-1)
+    log_det = log_det_precision_factor(factor, kind, d).expand(means.shape[0])
+    const = params.weights.log() + log_det - 0.5 * d * math.log(2 * math.pi)
+    return const.unsqueeze(-1) - 0.5 * maha, diff
+
+
+def centered_statistics(
+    diff: Tensor, resp: Tensor, log_norm: Tensor, kind: str, center: Tensor
+) -> SufficientStatistics:
+    """Statistics about ``center`` (K, d) from differences (K, n, d) and resp (K, n)."""
+    weighted = resp.unsqueeze(-1) * diff
+    if kind in ("full", "tied"):
+        second = weighted.mT @ diff
+    elif kind == "diag":
+        second = (weighted * diff).sum(1)
+    else:
+        second = (weighted * diff).sum((1, 2)).unsqueeze(-1)
+    return SufficientStatistics(
+        diff.new_tensor(float(diff.shape[1])),
+        log_norm.sum(),
+        resp.sum(1),
+        weighted.sum(1),
+        second,
+        center,
+    )
+
+
 def m_step(
     stats: SufficientStatistics, kind: str, reg_covar: float, constant_variance: float
 ) -> GaussianMixtureParameters:
@@ -189,21 +249,25 @@ def m_step(
     """
     nk = stats.resp + 10 * torch.finfo(stats.resp.dtype).eps  # an empty component stays finite
     weights = nk / nk.sum()
-    means = stats.first / nk.unsqueeze(-1)
+    offset = stats.first / nk.unsqueeze(-1)  # the means, relative to the center
+    means = offset if stats.center is None else stats.center + offset
     d = means.shape[-1]
     eye = torch.eye(d, dtype=means.dtype, device=means.device)
+    second = stats.second
+    if kind in ("full", "tied") and stats.center is None:
+        second = unpack_symmetric(second, d)
     if kind == "full":
-        second = unpack_symmetric(stats.second, d)
-        cov = second / nk[:, None, None] - means.unsqueeze(-1) * means.unsqueeze(-2)
+        cov = second / nk[:, None, None] - offset.unsqueeze(-1) * offset.unsqueeze(-2)
         cov = 0.5 * (cov + cov.mT) + reg_covar * eye
     elif kind == "tied":
-        second = unpack_symmetric(stats.second, d)
-        cov = (second - (nk.unsqueeze(-1) * means).T @ means) / nk.sum()
+        if stats.center is not None:
+            second = second.sum(0)
+        cov = (second - (nk.unsqueeze(-1) * offset).T @ offset) / nk.sum()
         cov = 0.5 * (cov + cov.T) + reg_covar * eye
     elif kind == "diag":
-        cov = (stats.second / nk.unsqueeze(-1) - means.square()).clamp_min(0) + reg_covar
+        cov = (second / nk.unsqueeze(-1) - offset.square()).clamp_min(0) + reg_covar
     elif kind == "spherical":
-        cov = stats.second.squeeze(-1) / nk - means.square().sum(-1)
+        cov = second.squeeze(-1) / nk - offset.square().sum(-1)
         cov = (cov / d).clamp_min(0) + reg_covar
     else:
         cov = means.new_tensor(constant_variance)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from inference import GaussianMixtureEM
-from inference.em import expectation, feature_chunks, run_em
+from inference.em import centered_expectation, expectation, feature_chunks, run_em
 from inference.gmm_families import chunk_statistics, m_step, second_order_features
 from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
@@ -26,11 +26,13 @@ def random_start(x, k, kind, seed=0):
     return m_step(stats, kind, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
-def test_log_likelihood_never_decreases_without_regularization(kind):
+def test_log_likelihood_never_decreases_without_regularization(kind, centered):
     x = torch.tensor(three_clusters()[0])
     run = run_em(
-        lambda: [x], random_start(x, 4, kind), kind, max_iter=40, tol=0.0, reg_covar=0.0
+        lambda: [x], random_start(x, 4, kind), kind, max_iter=40, tol=0.0, reg_covar=0.0,
+        centered=centered,
     )
     assert run.n_iter == 40
     assert (np.diff(run.lower_bounds) >= -1e-10).all()
@@ -44,6 +46,20 @@ def test_chunked_statistics_equal_one_pass(kind):
     chunked = expectation(feature_chunks(torch.split(x, 77), kind), params, kind)
     for name in ("count", "log_likelihood", "resp", "first", "second"):
         assert torch.allclose(getattr(whole, name), getattr(chunked, name), rtol=1e-12)
+    whole = centered_expectation([x], params, kind)
+    chunked = centered_expectation(torch.split(x, 77), params, kind)
+    for name in ("count", "log_likelihood", "resp", "first", "second"):
+        assert torch.allclose(getattr(whole, name), getattr(chunked, name), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_both_schemes_give_the_same_em_step(kind):
+    x = torch.tensor(three_clusters()[0])
+    params = random_start(x, 4, kind)
+    a = m_step(expectation(feature_chunks([x], kind), params, kind), kind, 1e-6, 1.0)
+    b = m_step(centered_expectation([x], params, kind), kind, 1e-6, 1.0)
+    for name in ("weights", "means", "covariances", "precisions_cholesky"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12), name
 
 
 def test_chunk_size_does_not_change_the_fit():

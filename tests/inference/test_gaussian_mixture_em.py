@@ -243,6 +243,20 @@ class TestDtypesAndTensors:
         assert b.score(x) == pytest.approx(a.score(x), abs=1e-3)
 
 
+    @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+    def test_float32_is_accurate_for_far_apart_tight_clusters(self, kind):
+        # Moments about the origin would cancel catastrophically here in float32.
+        rng = np.random.default_rng(0)
+        centers = np.zeros((3, 4))
+        centers[0, 0], centers[1, 0], centers[2, 1] = -1000.0, 1000.0, 1000.0
+        x = centers[rng.integers(0, 3, 3000)] + rng.standard_normal((3000, 4))
+        a = GaussianMixtureEM(3, covariance_type=kind, random_state=0).fit(x)
+        b = GaussianMixtureEM(3, covariance_type=kind, random_state=0).fit(x.astype(np.float32))
+        assert b.means_.dtype == np.float32
+        assert np.allclose(b.covariances_, a.covariances_, atol=1e-4)
+        assert b.score(x.astype(np.float32)) == pytest.approx(a.score(x), rel=1e-6)
+
+
 class TestDegenerateData:
     def test_duplicate_points(self):
         x = np.repeat(blobs(40)[0], 25, axis=0)

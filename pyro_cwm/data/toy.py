@@ -15,15 +15,21 @@ def _generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else torch.seed())
 
 
-def two_moons(num_points: int, noise: float = 0.1, seed: int | None = None) -> Tensor:
-    """Two interleaved half circles in 2-D with Gaussian noise of sd ``noise``: (N, 2)."""
+def two_moons(
+    num_points: int, noise: float = 0.1, seed: int | None = None, return_labels: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Two interleaved half circles in 2-D with Gaussian noise of sd ``noise``: (N, 2).
+
+    With ``return_labels``, also the moon of every point (N,): 1 upper, 0 lower.
+    """
     check_positive_int("num_points", num_points)
     g = _generator(seed)
     upper = torch.rand(num_points, generator=g) < 0.5
     angle = math.pi * torch.rand(num_points, generator=g)
     x = torch.where(upper, torch.cos(angle), 1 - torch.cos(angle))
     y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
-    return torch.stack((x, y), -1) + noise * torch.randn(num_points, 2, generator=g)
+    points = torch.stack((x, y), -1) + noise * torch.randn(num_points, 2, generator=g)
+    return (points, upper.long()) if return_labels else points
 
 
 def ring_of_gaussians(

@@ -64,3 +64,15 @@ def test_em_bench_runs_and_both_fits_reach_the_same_likelihood(tmp_path):
     assert rows[0]["mean_loglik"] == pytest.approx(rows[1]["mean_loglik"], rel=1e-10)
     assert rows[2]["mean_loglik"] == pytest.approx(rows[3]["mean_loglik"], rel=1e-10)
     assert json.loads(out.read_text()) == rows
+
+
+def test_flow_gmm_bench_runs_and_writes_its_table_and_samples(tmp_path):
+    from inference.bench import flow_gmm
+
+    rows = flow_gmm.main(
+        ["--epochs", "1", "--transforms", "1", "--hidden", "16", "--no-progress",
+         "--out", str(tmp_path)]
+    )
+    assert [r["method"] for r in rows][:3] == ["FlowGMM", "GaussianNB", "QDA (reg_param by CV)"]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "report.json").exists()

@@ -58,6 +58,7 @@ def fit_flow_gmm(
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     discriminative_weight: float = 0.0,
+    unlabeled_weight: float = 1.0,
     preprocess: Preprocess | None = None,
     validation: tuple[Tensor, Tensor] | None = None,
     seed: int = 0,
@@ -79,6 +80,8 @@ def fit_flow_gmm(
         batch_size: points per step, labelled and unlabelled in proportion.
         lr, weight_decay: Adam's.
         discriminative_weight: lambda >= 0, see above.
+        unlabeled_weight: multiplies the unlabelled points' term (1: every point counts
+            the same).
         preprocess: maps a raw batch to model space (e.g. dequantization and logit), called
             with a generator in training and None in evaluation.
         validation: ``(x_val, y_val)``; the model keeps the epoch with the best validation
@@ -99,6 +102,8 @@ def fit_flow_gmm(
     check_positive_int("batch_size", batch_size)
     if discriminative_weight < 0:
         raise ValueError(f"discriminative_weight must be >= 0, got {discriminative_weight}")
+    if unlabeled_weight < 0:
+        raise ValueError(f"unlabeled_weight must be >= 0, got {unlabeled_weight}")
     param = next(model.parameters())
     x, y = x.to(param.device, param.dtype), y.to(param.device).long()
     _check_xy(model, x, y, "x")
@@ -140,7 +145,8 @@ def fit_flow_gmm(
                 ub = x_unlabeled[u_order[step * u_batch : (step + 1) * u_batch]]
                 if preprocess is not None:
                     ub = preprocess(ub, generator)
-                loss = loss - model.log_prob(ub).mean() * n_u / (n_l + n_u)
+                share = unlabeled_weight * n_u / (n_l + n_u)
+                loss = loss - model.log_prob(ub).mean() * share
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss.item()} at epoch {epoch}")
             optimizer.zero_grad()

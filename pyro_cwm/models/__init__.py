@@ -1,5 +1,29 @@
-"""Pyro models built from mixtures: the Bayesian Gaussian mixture, ..."""
+"""Pyro models built from mixtures: the Bayesian Gaussian mixture, mixtures of experts, ..."""
 
 from pyro_cwm.models.bayesian_gmm import BayesianGMM
+from pyro_cwm.models.experts import (
+    BayesianLinearExperts,
+    Experts,
+    ModuleExperts,
+    PriorMeanLink,
+    PriorMeanRegularizer,
+    PullPriorMeans,
+)
+from pyro_cwm.models.gates import DirichletGate, Gate, PerSampleDirichletGate, SoftmaxGate
+from pyro_cwm.models.mixture_of_experts import MixtureOfExperts, MixtureOfModels
 
-__all__ = ["BayesianGMM"]
+__all__ = [
+    "BayesianGMM",
+    "BayesianLinearExperts",
+    "DirichletGate",
+    "Experts",
+    "Gate",
+    "MixtureOfExperts",
+    "MixtureOfModels",
+    "ModuleExperts",
+    "PerSampleDirichletGate",
+    "PriorMeanLink",
+    "PriorMeanRegularizer",
+    "PullPriorMeans",
+    "SoftmaxGate",
+]

@@ -168,7 +168,11 @@ class BayesianLinearExperts(Experts):
         super().__init__()
         K = self.num_experts = check_positive_int("num_experts", num_experts)
         d = self.input_dim = check_positive_int("input_dim", input_dim)
+        # Floating tensors keep their precision (the widest given); numbers take the default.
         dtype = torch.get_default_dtype()
+        for value in (prior_mean, prior_cov, noise_precision):
+            if isinstance(value, Tensor) and value.is_floating_point():
+                dtype = torch.promote_types(dtype, value.dtype)
         if isinstance(optimize, str):
             optimize = (optimize,)
         self.optimize = frozenset(optimize)

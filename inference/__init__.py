@@ -8,6 +8,7 @@ from inference.bayesian_gmm import (
 from inference.density import fit_density
 from inference.diagnostics import PSISDiagnostic, psis_diagnostic
 from inference.elbo import CWMELBO, unconstrained_log_joint
+from inference.em import ExpertsEMRun, fit_experts_em
 from inference.gaussian_mixture_em import GaussianMixtureEM
 from inference.inference_data import to_inference_data
 from inference.labels import LabelAlignment, align_labels
@@ -29,4 +30,6 @@ __all__ = [
     "fit_bayesian_gmm_map_em",
     "fit_bayesian_gmm_svi",
     "sample_bayesian_gmm_nuts",
+    "ExpertsEMRun",
+    "fit_experts_em",
 ]

@@ -2,7 +2,7 @@
 
 from pyro_cwm.data.images import LogitTransform, pixel_density_sample
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
-from pyro_cwm.data.toy import EXAMPLES, make_example, ring_of_gaussians, two_moons
+from pyro_cwm.data.toy import EXAMPLES, make_example, ring_of_gaussians, two_moons, two_planes
 
 __all__ = [
     "EIGHT_SCHOOLS_SIGMA",
@@ -14,4 +14,5 @@ __all__ = [
     "pixel_density_sample",
     "ring_of_gaussians",
     "two_moons",
+    "two_planes",
 ]

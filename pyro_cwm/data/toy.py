@@ -64,3 +64,42 @@ def make_example(name: str, num_points: int, seed: int | None = None) -> Tensor:
     if name not in EXAMPLES:
         raise ValueError(f"example must be one of {sorted(EXAMPLES)}, got {name!r}")
     return EXAMPLES[name](num_points, seed=seed)
+
+
+def two_planes(
+    num_points: int = 200,
+    seed: int = 42,
+    *,
+    noise: float = 5.0,
+    squeeze: float = 0.8,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MixtureLib's two-planes regression example: a mixture of two linear models.
+
+    ``x ~ N(0, I_2)``; the first half of the points has its second feature scaled by
+    ``squeeze`` and follows ``y = x^T (10, 0)``, the second half its first feature and
+    ``y = x^T (0, 30)``; plus ``N(0, noise^2)``. Drawn with ``numpy.random.RandomState(seed)``
+    in MixtureLib's order, so ``seed=42`` gives its documented data set.
+
+    Returns:
+        ``X`` (N, 2), ``Y`` (N,) and the true weights (2, 2) (one row per plane), in
+        ``dtype`` (default: torch's default dtype).
+
+    Raises:
+        TypeError, ValueError: if ``num_points`` is not an int >= 2.
+    """
+    import numpy as np
+
+    check_positive_int("num_points", num_points)
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    rng = np.random.RandomState(seed)
+    half = num_points // 2
+    x = rng.randn(num_points, 2)
+    x[:half, 1] *= squeeze
+    x[half:, 0] *= squeeze
+    weights = np.array([[10.0, 0.0], [0.0, 30.0]])
+    y = np.concatenate([x[:half] @ weights[0], x[half:] @ weights[1]])
+    y = y + noise * rng.randn(num_points, 1)[:, 0]
+    dtype = dtype or torch.get_default_dtype()
+    return tuple(torch.as_tensor(a, dtype=dtype) for a in (x, y, weights))

@@ -1,6 +1,32 @@
-"""Pyro models built from mixtures: the Bayesian Gaussian mixture and FlowGMM."""
+"""Pyro models built from mixtures: the Bayesian Gaussian mixture, mixtures of experts,
+the mixture density network and FlowGMM."""
 
 from pyro_cwm.models.bayesian_gmm import BayesianGMM
+from pyro_cwm.models.experts import (
+    BayesianLinearExperts,
+    Experts,
+    ModuleExperts,
+    PriorMeanLink,
+    PriorMeanRegularizer,
+    PullPriorMeans,
+)
 from pyro_cwm.models.flow_gmm import FlowGMM
+from pyro_cwm.models.gates import DirichletGate, Gate, PerSampleDirichletGate, SoftmaxGate
+from pyro_cwm.models.mixture_of_experts import MixtureOfExperts, MixtureOfModels
 
-__all__ = ["BayesianGMM", "FlowGMM"]
+__all__ = [
+    "BayesianGMM",
+    "BayesianLinearExperts",
+    "DirichletGate",
+    "Experts",
+    "FlowGMM",
+    "Gate",
+    "MixtureOfExperts",
+    "MixtureOfModels",
+    "ModuleExperts",
+    "PerSampleDirichletGate",
+    "PriorMeanLink",
+    "PriorMeanRegularizer",
+    "PullPriorMeans",
+    "SoftmaxGate",
+]

@@ -1,0 +1,263 @@
+"""Gates of a mixture of experts: the weights ``pi_k(x)`` of the K experts.
+
+A gate answers what a variational EM loop asks of it (see :class:`Gate`): the expected log
+weights ``E_q[log pi_nk]`` of the training points, its update from the responsibilities
+``r`` (N, K), its term of the lower bound, and the weights it predicts for new points.
+
+- :class:`DirichletGate`: constant weights ``pi ~ Dir(mu)`` with posterior
+  ``Dir(mu + sum_n r_n)`` -- a mixture of models (the seed's ``HyperModelDirichlet``).
+- :class:`SoftmaxGate`: ``pi(x) = softmax(f(x))`` with an MLP ``f`` -- a mixture of
+  experts (the seed's ``HyperExpertNN``), fitted by maximizing ``sum_nk r_nk log pi_k(x_n)``.
+- :class:`PerSampleDirichletGate`: one ``pi_n ~ Dir(mu)`` per point, posterior
+  ``Dir(mu + r_n)`` -- with ``mu < 1`` a sparse gate (the seed's ``HyperModelGateSparsed``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from torch.distributions import kl_divergence
+
+from pyro_cwm.nn.checks import check_hidden_dims, check_positive_int
+from pyro_cwm.nn.classifiers import mlp
+
+__all__ = ["Gate", "DirichletGate", "SoftmaxGate", "PerSampleDirichletGate"]
+
+
+def _concentration(value, K: int) -> Tensor:
+    value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != K):
+        raise ValueError(
+            f"concentration must be a float or have shape ({K},), got {tuple(value.shape)}"
+        )
+    if not (torch.isfinite(value).all() and (value > 0).all()):
+        raise ValueError("concentration must be finite and > 0")
+    return value.expand(K).clone()
+
+
+class Gate(nn.Module):
+    """Base class of the gates: K weights per point, rows on the simplex.
+
+    Shapes: ``X`` (N, d); responsibilities or hard assignments ``weights`` (N, K).
+    """
+
+    num_experts: int
+
+    def initialize(self, X: Tensor) -> None:
+        """Reset to a (random, from torch's global RNG) start before an EM run on ``X``."""
+        raise NotImplementedError
+
+    def expected_log_weights(self, X: Tensor) -> Tensor:
+        """``E_q[log pi_k(x_n)]`` for the training points: (N, K)."""
+        raise NotImplementedError
+
+    def update(self, X: Tensor, weights: Tensor) -> None:
+        """Update from the responsibilities (the gate's E- and M-step)."""
+        raise NotImplementedError
+
+    def bound(self) -> Tensor:
+        """The gate's own term of the lower bound (``-KL(q(pi) || p(pi))``): a scalar."""
+        raise NotImplementedError
+
+    def forward(self, X: Tensor) -> Tensor:
+        """Predicted weights ``E[pi(x)]`` for (new) points: (N, K), rows summing to one."""
+        raise NotImplementedError
+
+    def pyro_weights(self, X: Tensor, data_plate: pyro.plate) -> Tensor:
+        """Inside a Pyro model: sample or register the gate; weights (K,) or (N, K)."""
+        raise NotImplementedError
+
+
+class DirichletGate(Gate):
+    """Constant weights with a Dirichlet prior ``Dir(mu)`` and posterior ``Dir(a)``.
+
+    ``a = mu + sum_n r_n``; ``E[log pi_k] = digamma(a_k) - digamma(sum a)``; predicted
+    weights ``a / sum a``. In the Pyro model: site ``"gate_weights"`` ``pi ~ Dir(mu)`` (K,).
+
+    Args:
+        num_experts: K >= 1.
+        concentration: ``mu`` > 0, a float or (K,).
+
+    Raises:
+        TypeError, ValueError: for an argument of the wrong type, shape or range.
+    """
+
+    def __init__(self, num_experts: int, concentration: float | Tensor = 1.0) -> None:
+        super().__init__()
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        mu = _concentration(concentration, self.num_experts)
+        self.register_buffer("prior_concentration", mu)
+        self.register_buffer("concentration", mu.clone())
+
+    def initialize(self, X: Tensor) -> None:
+        self.concentration.copy_(self.prior_concentration)
+
+    def expected_log_weights(self, X: Tensor) -> Tensor:
+        a = self.concentration
+        return (torch.digamma(a) - torch.digamma(a.sum())).expand(X.shape[0], -1)
+
+    def update(self, X: Tensor, weights: Tensor) -> None:
+        self.concentration.copy_(self.prior_concentration + weights.sum(0))
+
+    def bound(self) -> Tensor:
+        return -kl_divergence(
+            dist.Dirichlet(self.concentration), dist.Dirichlet(self.prior_concentration)
+        )
+
+    def forward(self, X: Tensor) -> Tensor:
+        a = self.concentration
+        return (a / a.sum()).to(X).expand(X.shape[0], -1)
+
+    def pyro_weights(self, X: Tensor, data_plate: pyro.plate) -> Tensor:
+        return pyro.sample("gate_weights", dist.Dirichlet(self.prior_concentration.to(X)))
+
+
+class SoftmaxGate(Gate):
+    """A softmax network of x: ``pi(x) = softmax(f(x))``, point-estimated.
+
+    The update takes ``steps`` Adam steps on ``sum_nk r_nk log pi_k(x_n)`` (plus an L2
+    penalty ``weight_decay |theta|^2 / 2``, part of the bound) and keeps them only if that
+    objective improved, so soft EM never decreases its bound. In the Pyro model the network
+    is registered with ``pyro.module("gate", ...)``.
+
+    Args:
+        num_experts: K >= 1.
+        input_dim: d >= 1.
+        hidden_dims: hidden widths of ``f``; ``()`` is multinomial logistic regression.
+        steps: Adam steps per update.
+        lr: Adam learning rate.
+        weight_decay: L2 penalty >= 0 on the network's parameters.
+
+    Raises:
+        TypeError, ValueError: for an argument of the wrong type or range.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        input_dim: int,
+        hidden_dims: Sequence[int] = (16,),
+        *,
+        steps: int = 20,
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.input_dim = check_positive_int("input_dim", input_dim)
+        self.steps = check_positive_int("steps", steps)
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.net = mlp(self.input_dim, self.num_experts, check_hidden_dims(hidden_dims), nn.Tanh)
+
+    def initialize(self, X: Tensor) -> None:
+        for module in self.net.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
+    def expected_log_weights(self, X: Tensor) -> Tensor:
+        return torch.log_softmax(self.net(X), dim=-1)
+
+    def _penalty(self) -> Tensor:
+        return 0.5 * self.weight_decay * sum(p.square().sum() for p in self.net.parameters())
+
+    def _objective(self, X: Tensor, weights: Tensor) -> Tensor:
+        return (weights * torch.log_softmax(self.net(X), -1)).sum() - self._penalty()
+
+    def update(self, X: Tensor, weights: Tensor) -> None:
+        with torch.no_grad():
+            before = self._objective(X, weights)
+        saved = copy.deepcopy(self.net.state_dict())
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                optimizer.zero_grad()
+                (-self._objective(X, weights) / X.shape[0]).backward()
+                optimizer.step()
+        with torch.no_grad():
+            after = self._objective(X, weights)
+        if not (after >= before):
+            self.net.load_state_dict(saved)
+
+    def bound(self) -> Tensor:
+        with torch.no_grad():
+            return -self._penalty()
+
+    def forward(self, X: Tensor) -> Tensor:
+        return torch.softmax(self.net(X), dim=-1)
+
+    def pyro_weights(self, X: Tensor, data_plate: pyro.plate) -> Tensor:
+        pyro.module("gate", self.net)
+        return torch.softmax(self.net(X), dim=-1)
+
+
+class PerSampleDirichletGate(Gate):
+    """One weight vector per point, ``pi_n ~ Dir(mu)``, posterior ``Dir(mu + r_n)``.
+
+    ``E[log pi_nk] = digamma(mu_k + r_nk) - digamma(sum mu + 1)``; with ``mu < 1`` the
+    gate prefers sparse weights (the seed's sparse gate). The training points' posteriors
+    live in the buffer ``concentration`` (N, K), so :meth:`expected_log_weights` accepts
+    the training points only. For new points, whose ``pi`` has only the prior, the predicted
+    weights are the average posterior mean over the training points (an empirical estimate
+    of ``E[pi]``). In the Pyro model: site ``"gate_weights"`` (N, K) in the data plate.
+
+    Args:
+        num_experts: K >= 1.
+        concentration: ``mu`` > 0, a float or (K,).
+
+    Raises:
+        TypeError, ValueError: for an argument of the wrong type, shape or range.
+    """
+
+    def __init__(self, num_experts: int, concentration: float | Tensor = 0.5) -> None:
+        super().__init__()
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        mu = _concentration(concentration, self.num_experts)
+        self.register_buffer("prior_concentration", mu)
+        self.register_buffer("concentration", mu.unsqueeze(0).clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of training points is only known after a fit: adopt the saved shape.
+        key = prefix + "concentration"
+        if key in state_dict and state_dict[key].shape != self.concentration.shape:
+            self.concentration = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def initialize(self, X: Tensor) -> None:
+        self.concentration = (self.prior_concentration + 1.0 / self.num_experts).expand(
+            X.shape[0], -1
+        ).clone()
+
+    def expected_log_weights(self, X: Tensor) -> Tensor:
+        a = self.concentration
+        if a.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"a per-sample gate knows its {a.shape[0]} training points only, got "
+                f"{X.shape[0]} points"
+            )
+        return torch.digamma(a) - torch.digamma(a.sum(-1, keepdim=True))
+
+    def update(self, X: Tensor, weights: Tensor) -> None:
+        self.concentration = self.prior_concentration + weights
+
+    def bound(self) -> Tensor:
+        prior = dist.Dirichlet(self.prior_concentration.expand_as(self.concentration))
+        return -kl_divergence(dist.Dirichlet(self.concentration), prior).sum()
+
+    def forward(self, X: Tensor) -> Tensor:
+        a = self.concentration
+        mean = (a / a.sum(-1, keepdim=True)).mean(0)
+        return mean.to(X).expand(X.shape[0], -1)
+
+    def pyro_weights(self, X: Tensor, data_plate: pyro.plate) -> Tensor:
+        with data_plate:
+            return pyro.sample("gate_weights", dist.Dirichlet(self.prior_concentration.to(X)))

@@ -2,13 +2,21 @@
 
 from pyro_cwm.data.images import LogitTransform, pixel_density_sample
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
-from pyro_cwm.data.toy import EXAMPLES, make_example, ring_of_gaussians, two_moons, two_planes
+from pyro_cwm.data.toy import (
+    EXAMPLES,
+    inverse_sine,
+    make_example,
+    ring_of_gaussians,
+    two_moons,
+    two_planes,
+)
 
 __all__ = [
     "EIGHT_SCHOOLS_SIGMA",
     "EIGHT_SCHOOLS_Y",
     "eight_schools",
     "EXAMPLES",
+    "inverse_sine",
     "LogitTransform",
     "make_example",
     "pixel_density_sample",

@@ -49,6 +49,34 @@ def ring_of_gaussians(
     return centers + scale * torch.randn(num_points, 2, generator=g)
 
 
+def inverse_sine(
+    num_points: int = 512,
+    noise: float = 0.5,
+    uniform: bool = False,
+    seed: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The 1-D inverse problem of the seed MDN's example: predict y from x, (x, y) each (N, 1).
+
+    ``y`` runs over [-1, 1] (an even grid, or uniform draws with ``uniform=True``) and
+    ``x = 7 sin(5 y) + 0.5 y + noise * eps``, eps ~ N(0, 1). The forward map x(y) is not
+    monotone, so p(y | x) has up to three modes for the same x: one Gaussian cannot fit
+    it, a mixture of K = 3 can.
+
+    Raises:
+        ValueError: if ``num_points`` < 1 or ``noise`` < 0.
+    """
+    check_positive_int("num_points", num_points)
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    g = _generator(seed)
+    if uniform:
+        y = 2 * torch.rand(num_points, generator=g) - 1
+    else:
+        y = torch.linspace(-1, 1, num_points)
+    x = 7 * torch.sin(5 * y) + 0.5 * y + noise * torch.randn(num_points, generator=g)
+    return x.unsqueeze(-1), y.unsqueeze(-1)
+
+
 EXAMPLES: dict[str, Callable[..., Tensor]] = {
     "moons": two_moons,
     "ring": ring_of_gaussians,

@@ -12,6 +12,7 @@ from pyro_cwm.models.experts import (
 )
 from pyro_cwm.models.flow_gmm import FlowGMM
 from pyro_cwm.models.gates import DirichletGate, Gate, PerSampleDirichletGate, SoftmaxGate
+from pyro_cwm.models.mdn import MixtureDensityNetwork
 from pyro_cwm.models.mixture_of_experts import MixtureOfExperts, MixtureOfModels
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Experts",
     "FlowGMM",
     "Gate",
+    "MixtureDensityNetwork",
     "MixtureOfExperts",
     "MixtureOfModels",
     "ModuleExperts",

@@ -9,6 +9,7 @@ from inference.density import fit_density
 from inference.diagnostics import PSISDiagnostic, psis_diagnostic
 from inference.elbo import CWMELBO, unconstrained_log_joint
 from inference.em import ExpertsEMRun, fit_experts_em
+from inference.flow_gmm import evaluate_flow_gmm, fit_flow_gmm
 from inference.gaussian_mixture_em import GaussianMixtureEM
 from inference.inference_data import to_inference_data
 from inference.labels import LabelAlignment, align_labels
@@ -31,5 +32,7 @@ __all__ = [
     "fit_bayesian_gmm_svi",
     "sample_bayesian_gmm_nuts",
     "ExpertsEMRun",
+    "evaluate_flow_gmm",
     "fit_experts_em",
+    "fit_flow_gmm",
 ]

@@ -58,6 +58,16 @@ def _responsibilities(log_joint: Tensor) -> tuple[Tensor, Tensor]:
     return resp, (top + total_mass.log()).squeeze(0)
 
 
+def _summed(chunks: Iterable, chunk_statistics_of) -> SufficientStatistics:
+    total = None
+    for chunk in chunks:
+        stats = chunk_statistics_of(chunk)
+        total = stats if total is None else total + stats
+    if total is None:
+        raise ValueError("the data source gave no chunks")
+    return total
+
+
 def expectation(
     features: Iterable[Tensor], params: GaussianMixtureParameters, kind: str
 ) -> SufficientStatistics:
@@ -66,15 +76,13 @@ def expectation(
     Raises:
         ValueError: if no chunk is given.
     """
-    total = None
     dim = params.means.shape[-1]
-    for chunk in features:
+
+    def of(chunk: Tensor) -> SufficientStatistics:
         resp, log_norm = _responsibilities(joint_log_probs(chunk, params, kind))
-        stats = chunk_statistics(chunk, resp, log_norm, kind, dim)
-        total = stats if total is None else total + stats
-    if total is None:
-        raise ValueError("the data source gave no chunks")
-    return total
+        return chunk_statistics(chunk, resp, log_norm, kind, dim)
+
+    return _summed(features, of)
 
 
 def centered_expectation(
@@ -85,15 +93,13 @@ def centered_expectation(
     Raises:
         ValueError: if no chunk is given.
     """
-    total = None
-    for x in chunks:
+
+    def of(x: Tensor) -> SufficientStatistics:
         log_joint, diff = centered_joint_log_probs(x, params, kind)
         resp, log_norm = _responsibilities(log_joint)
-        stats = centered_statistics(diff, resp, log_norm, kind, params.means)
-        total = stats if total is None else total + stats
-    if total is None:
-        raise ValueError("the data source gave no chunks")
-    return total
+        return centered_statistics(diff, resp, log_norm, kind, params.means)
+
+    return _summed(chunks, of)
 
 
 def feature_chunks(chunks: Iterable[Tensor], kind: str) -> Iterator[Tensor]:

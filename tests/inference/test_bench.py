@@ -76,3 +76,24 @@ def test_flow_gmm_bench_runs_and_writes_its_table_and_samples(tmp_path):
     assert [r["method"] for r in rows][:3] == ["FlowGMM", "GaussianNB", "QDA (reg_param by CV)"]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert (tmp_path / "samples.png").exists() and (tmp_path / "report.json").exists()
+
+
+def test_vi_bench_nuts_starts_from_the_laplace_mass_matrix():
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from pyro.infer import MCMC
+
+    cov = torch.tensor([[1.0, 0.99], [0.99, 1.0]], dtype=torch.float64)
+    loc = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(loc, cov))
+
+    initial, inverse_mass = vi.laplace_start(model, (), seed=0)
+    assert torch.allclose(initial["x"], loc) and torch.allclose(inverse_mass, cov)
+    kernel = vi.LaplaceNUTS(model, inverse_mass, adapt_mass_matrix=False)
+    MCMC(kernel, num_samples=5, warmup_steps=5, initial_params=initial,
+         disable_progbar=True).run()
+    (used,) = kernel.mass_matrix_adapter.inverse_mass_matrix.values()
+    assert torch.allclose(used, cov)

@@ -1,4 +1,4 @@
-"""Expectation-maximization for Gaussian mixtures: the loop, written once for every family.
+"""Expectation-maximization loops: Gaussian mixtures (every family) and mixtures of experts.
 
 An EM iteration is one pass over the data in chunks: the E-step of a chunk gives its
 responsibilities, which are folded at once into additive sufficient statistics
@@ -11,6 +11,8 @@ statistics across devices (one all-reduce) before the M-step.
 - :func:`stepwise_statistics`: stepwise (online) EM, Cappé & Moulines (2009): running
   statistics ``s <- (1 - eta_t) s + eta_t s(batch)`` after each minibatch, then an M-step;
   :meth:`inference.GaussianMixtureEM.partial_fit` uses it.
+- :func:`fit_experts_em`: variational EM of a :class:`pyro_cwm.models.MixtureOfExperts`
+  (responsibilities, the experts' Gaussian posteriors, the gate, the hyperparameters).
 """
 
 from __future__ import annotations

@@ -97,3 +97,12 @@ def test_vi_bench_nuts_starts_from_the_laplace_mass_matrix():
          disable_progbar=True).run()
     (used,) = kernel.mass_matrix_adapter.inverse_mass_matrix.values()
     assert torch.allclose(used, cov)
+
+
+def test_experts_bench_runs_on_one_seed():
+    from inference.bench import experts
+
+    rows = experts.main(["--seeds", "42"])
+    ours = [r for r in rows if r["method"] == "ours"]
+    assert {r["model"] for r in ours} == {"MoM", "MoE"}
+    assert all(r["success"] for r in ours)  # the seed's own data set: both planes found

@@ -3,10 +3,10 @@ export VENV
 
 .PHONY: run test lint bench-density
 
-# Install into a local virtual environment and run the main job on a built-in example.
+# Install into a local virtual environment and run the main job: the demo.
 run:
 	bash scripts/setup-venv.sh
-	$(VENV)/bin/pyro-cwm fit-density --example moons --out runs/moons
+	$(VENV)/bin/pyro-cwm demo --out runs/demo
 
 # Install with the development tools and run the test suite and the linter.
 test:

@@ -14,7 +14,7 @@ import sys
 
 from inference.cli.errors import CLIError
 
-COMMANDS = ["demo", "fit_density", "fit_gmm"]
+COMMANDS = ["demo", "fit_density", "fit_gmm", "vi"]
 
 __all__ = ["CLIError", "COMMANDS", "build_parser", "main"]
 

@@ -42,16 +42,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--targets", default=",".join(DEMO_TARGETS),
                    help=f"comma list of built-in targets (of {', '.join(sorted(TARGETS))})")
-    p.add_argument("--steps", type=int, default=1500, help="SVI steps per guide")
-    p.add_argument("--components", type=int, default=8, help="K of AutoCWM")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam step size (decays 10x "
-                   "over the last third of the steps)")
-    p.add_argument("--samples", type=int, default=2000,
-                   help="draws for the diagnostics, the InferenceData and the plots")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    add_svi_arguments(p)
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(run=run)
 
 
@@ -66,33 +58,61 @@ def _optim(steps: int, lr: float) -> pyro.optim.PyroOptim:
     )
 
 
-def _fit(target, name: str, args) -> tuple[dict, az.InferenceData, list[float]]:
+def fit_guide(model, model_args: tuple, name: str, args) -> tuple[dict, az.InferenceData, list]:
+    """Fit ``name`` (AutoNormal or AutoCWM) to ``model(*model_args)``; diagnose it.
+
+    Returns the table row (ELBO, IS log Z, k-hat, time), the InferenceData and the losses.
+    ``args`` carries ``steps``, ``lr``, ``components``, ``samples``, ``seed``, ``no_progress``.
+    """
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    model = target.model
     if name == "AutoNormal":
         guide, loss = AutoNormal(model), Trace_ELBO(num_particles=4, vectorize_particles=True)
     else:
         guide, loss = AutoCWM(model, num_components=args.components), CWMELBO(num_particles=4)
     started = time.perf_counter()
-    history = fit_svi(model, guide, loss=loss, num_steps=args.steps,
+    history = fit_svi(model, guide, *model_args, loss=loss, num_steps=args.steps,
                       optim=_optim(args.steps, args.lr), progress=not args.no_progress)
     elapsed = time.perf_counter() - started
-    diagnostic = psis_diagnostic(model, guide, num_samples=args.samples, seed=args.seed)
-    idata = to_inference_data(model, guide, num_samples=args.samples, seed=args.seed)
+    diagnostic = psis_diagnostic(model, guide, *model_args, num_samples=args.samples,
+                                 seed=args.seed)
+    idata = to_inference_data(model, guide, *model_args, num_samples=args.samples,
+                              seed=args.seed)
+    row = {"guide": name, "elbo": diagnostic.elbo, "is_log_z": diagnostic.log_z,
+           "k_hat": diagnostic.k_hat, "time_s": elapsed}
+    return row, idata, history["loss"]
+
+
+def _fit(target, name: str, args) -> tuple[dict, az.InferenceData, list[float]]:
+    row, idata, losses = fit_guide(target.model, (), name, args)
     draws = torch.as_tensor(idata.posterior["x"].values).reshape(-1, target.dim)
     reference = target.sample(args.samples, torch.Generator().manual_seed(args.seed))
     row = {
         "target": target.name,
-        "guide": name,
-        "elbo": diagnostic.elbo,
-        "is_log_z": diagnostic.log_z,
-        "kl": 0.0 - diagnostic.elbo,
-        "k_hat": diagnostic.k_hat,
+        **row,
+        "kl": 0.0 - row["elbo"],
         "energy_distance": energy_distance(draws.float().cpu(), reference.float().cpu()),
-        "time_s": elapsed,
     }
-    return row, idata, history["loss"]
+    return row, idata, losses
+
+
+def add_svi_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``fit_guide`` reads, shared by ``demo`` and ``vi``."""
+    p.add_argument("--steps", type=int, default=1500, help="SVI steps per guide")
+    p.add_argument("--components", type=int, default=8, help="K of AutoCWM")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam step size (decays 10x "
+                   "over the last third of the steps)")
+    p.add_argument("--samples", type=int, default=2000,
+                   help="draws for the diagnostics, the InferenceData and the plots")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def check_svi_arguments(args: argparse.Namespace) -> None:
+    for option in ("steps", "components", "samples"):
+        if getattr(args, option) < (10 if option == "samples" else 1):
+            raise CLIError(f"--{option} is too small: {getattr(args, option)}")
 
 
 def _plots(key: str, target, fits: dict, args, out: Path) -> list[str]:
@@ -135,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [t for t in names if t not in TARGETS]
     if unknown or not names:
         raise CLIError(f"--targets: unknown {unknown or names}; choose from {sorted(TARGETS)}")
-    for option in ("steps", "components", "samples"):
-        if getattr(args, option) < (10 if option == "samples" else 1):
-            raise CLIError(f"--{option} is too small: {getattr(args, option)}")
+    check_svi_arguments(args)
     device = parse_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

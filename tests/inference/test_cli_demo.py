@@ -32,3 +32,48 @@ def test_demo_writes_inference_data_plots_and_table(tmp_path, capsys):
 def test_demo_rejects_unknown_targets(capsys):
     assert main(["demo", "--targets", "nope"]) == 2
     assert "--targets" in capsys.readouterr().err
+
+
+MODEL_FILE = """
+import pyro
+import pyro.distributions as dist
+import torch
+
+def model(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    scale = pyro.sample("scale", dist.HalfNormal(2.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("obs", dist.Normal(mu, scale), obs=y)
+
+def data():
+    return (torch.tensor([1.0, 2.0, 0.5, 1.5]),)
+"""
+
+
+def test_vi_on_a_users_model_file(tmp_path, capsys):
+    path = tmp_path / "mymodel.py"
+    path.write_text(MODEL_FILE)
+    out = tmp_path / "out"
+    code = main(["vi", f"{path}:model", "--args", "data", "--steps", "30", "--samples", "100",
+                 "--out", str(out), "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "| guide | ELBO |" in stdout
+    assert {p.name for p in out.iterdir()} == {"AutoNormal.nc", "AutoCWM.nc", "vi.png",
+                                               "table.json"}
+    idata = az.from_netcdf(out / "AutoCWM.nc")
+    assert set(idata.posterior.data_vars) == {"mu", "scale"}
+    assert "log_likelihood" in idata.groups()
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["guide"] for r in rows] == ["AutoNormal", "AutoCWM"]
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [("nofile.py:model", "no such file"), ("{path}:missing", "no callable"),
+     ("{path}", "FILE.py:MODEL")],
+)
+def test_vi_bad_targets_give_one_line(tmp_path, capsys, target, message):
+    path = tmp_path / "mymodel.py"
+    path.write_text(MODEL_FILE)
+    assert main(["vi", target.format(path=path), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err

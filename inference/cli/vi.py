@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         for guide in ("AutoNormal", "AutoCWM"):
             try:
                 row, idata, losses = fit_guide(model, model_args, guide, args)
-            except (ValueError, TypeError, NotImplementedError) as error:
+            except (ValueError, TypeError) as error:
                 raise CLIError(f"{guide}: {error}") from None
             rows.append(row)
             fits[guide] = (idata, losses)

@@ -25,6 +25,7 @@ Regularizers couple the prior means ``w0_1..w0_K`` of linear experts in their M-
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -49,7 +50,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 HYPERPARAMETERS = ("prior_mean", "prior_cov", "noise")
 
 
-class Experts(nn.Module):
+class Experts(nn.Module, abc.ABC):
     """Base class of K local models fitted by a (variational) EM loop.
 
     Shapes: ``X`` (N, d), ``Y`` (N,), responsibilities or hard assignments ``weights``
@@ -60,41 +61,41 @@ class Experts(nn.Module):
     num_experts: int
     input_dim: int
 
+    @abc.abstractmethod
     def initialize(self, X: Tensor, Y: Tensor) -> None:
         """Reset to a random start (uses torch's global RNG) before an EM run."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expected_log_likelihood(self, X: Tensor, Y: Tensor) -> Tensor:
         """``E_q[log p(y_n | x_n, expert k)]``: shape (N, K)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update_posterior(self, X: Tensor, Y: Tensor, weights: Tensor) -> None:
         """Update the experts' parameters (or their posterior) from weighted data."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update_hyperparameters(self, X: Tensor, Y: Tensor, weights: Tensor) -> None:
         """M-step of the hyperparameters (noise level, priors) from weighted data."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def bound(self) -> Tensor:
         """The experts' own term of the lower bound (``-sum_k KL(q(w_k) || p(w_k))``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def predictive(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation of each expert's predictive: (N, K) each."""
-        raise NotImplementedError
 
     def forward(self, X: Tensor) -> Tensor:
         """Each expert's prediction ``E[y | x, k]``: shape (N, K)."""
         return self.predictive(X)[0]
 
+    @abc.abstractmethod
     def pyro_means(self, X: Tensor) -> Tensor:
         """Inside a Pyro model: sample or register the parameters, return means (N, K)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pyro_scales(self) -> Tensor:
         """Inside a Pyro model: the noise standard deviations (K,)."""
-        raise NotImplementedError
 
 
 def _as_matrix_batch(value, K: int, d: int, name: str, dtype) -> Tensor:
@@ -444,18 +445,20 @@ class ModuleExperts(Experts):
 # ---------------------------------------------------------------------- regularizers
 
 
-class PriorMeanRegularizer:
+class PriorMeanRegularizer(abc.ABC):
     """Couples the prior means ``w0`` (K, d) of :class:`BayesianLinearExperts` in the M-step.
 
     The M-step maximizes ``sum_k E_q[log N(w_k | w0_k, A_k)] + penalty(w0)`` over ``w0``;
     ``penalty`` is added to the EM lower bound.
     """
 
+    @abc.abstractmethod
     def update_prior_means(self, experts: BayesianLinearExperts) -> None:
-        raise NotImplementedError
+        """Set ``experts.prior_mean`` to the maximizer of the objective above."""
 
+    @abc.abstractmethod
     def penalty(self, prior_mean: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The coupling term of the bound for prior means (K, d): a scalar."""
 
 
 def _check_linear(experts) -> BayesianLinearExperts:

@@ -14,6 +14,7 @@ weights ``E_q[log pi_nk]`` of the training points, its update from the responsib
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ def _concentration(value, K: int) -> Tensor:
     return value.expand(K).clone()
 
 
-class Gate(nn.Module):
+class Gate(nn.Module, abc.ABC):
     """Base class of the gates: K weights per point, rows on the simplex.
 
     Shapes: ``X`` (N, d); responsibilities or hard assignments ``weights`` (N, K).
@@ -49,29 +50,29 @@ class Gate(nn.Module):
 
     num_experts: int
 
+    @abc.abstractmethod
     def initialize(self, X: Tensor) -> None:
         """Reset to a (random, from torch's global RNG) start before an EM run on ``X``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expected_log_weights(self, X: Tensor) -> Tensor:
         """``E_q[log pi_k(x_n)]`` for the training points: (N, K)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update(self, X: Tensor, weights: Tensor) -> None:
         """Update from the responsibilities (the gate's E- and M-step)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def bound(self) -> Tensor:
         """The gate's own term of the lower bound (``-KL(q(pi) || p(pi))``): a scalar."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, X: Tensor) -> Tensor:
         """Predicted weights ``E[pi(x)]`` for (new) points: (N, K), rows summing to one."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pyro_weights(self, X: Tensor, data_plate: pyro.plate) -> Tensor:
         """Inside a Pyro model: sample or register the gate; weights (K,) or (N, K)."""
-        raise NotImplementedError
 
 
 class DirichletGate(Gate):

@@ -4,7 +4,21 @@ import torch
 
 from pyro_cwm import CWM
 
-MAP_KINDS = ["location_scale", "affine", "flow"]
+# "flow-maf": the flow map with the autoregressive affine flow (map_options flow="maf").
+MAP_KINDS = ["location_scale", "affine", "flow", "flow-maf"]
+
+
+def map_kwargs(map, flow_hidden_dims=None):
+    """CWM/AutoCWM keyword arguments for a name of MAP_KINDS."""
+    if map == "flow-maf":
+        options = {"flow": "maf"}
+    elif map == "flow":
+        options = {}
+    else:
+        return {"map": map}
+    if flow_hidden_dims is not None:
+        options["flow_hidden_dims"] = flow_hidden_dims
+    return {"map": "flow", "map_options": options or None}
 
 
 def random_cwm(
@@ -22,15 +36,14 @@ def random_cwm(
     Flow maps get a milder perturbation: strong random splines make spiky densities.
     """
     if scale is None:
-        scale = 0.2 if map == "flow" else 0.5
+        scale = 0.2 if map.startswith("flow") else 0.5
     torch.manual_seed(seed)
     cwm = CWM(
         dim,
         num_components,
         hidden_dims=hidden_dims,
-        map=map,
         context_dim=context_dim,
-        map_options={"flow_hidden_dims": (16,)} if map == "flow" else None,
+        **map_kwargs(map, flow_hidden_dims=(16,)),
     ).to(dtype)
     with torch.no_grad():
         for p in cwm.parameters():

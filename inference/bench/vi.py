@@ -9,6 +9,10 @@ PSIS k-hat, energy distance to the reference draws (columns standardized by the 
 sds), worst standardized error of marginal means, worst ratio of marginal sds, worst
 relative error of a mode's share (targets with known modes) and wall time.
 
+Methods (``--methods``): AutoNormal, AutoMVN, AutoIAFNormal, AutoCWM (location-scale
+maps), AutoCWM:affine, AutoCWM:flow (spline flow map), AutoCWM:maf (flow map with an
+autoregressive affine flow), NUTS.
+
     python -m inference.bench.vi                                   # everything
     python -m inference.bench.vi --targets ring,eight_schools --steps 500
     python -m inference.bench.vi --step-cost                       # AutoCWM vs AutoNormal step
@@ -123,7 +127,15 @@ def make_guide(name: str, model, components: int):
         return AutoIAFNormal(model, num_transforms=2), None
     kind, _, map_name = name.partition(":")
     if kind == "AutoCWM":
-        guide = AutoCWM(model, num_components=components, map=map_name or "location_scale")
+        map_options = None
+        if map_name == "maf":  # the flow map with an autoregressive affine flow
+            map_name, map_options = "flow", {"flow": "maf"}
+        guide = AutoCWM(
+            model,
+            num_components=components,
+            map=map_name or "location_scale",
+            map_options=map_options,
+        )
         return guide, CWMELBO(num_particles=4)
     raise ValueError(f"unknown method {name!r}")
 

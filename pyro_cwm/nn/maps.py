@@ -180,14 +180,20 @@ class AffineMaps(ComponentMaps):
 class FlowMaps(ComponentMaps):
     """Flow maps ``T_k(z) = loc_k + scale_k * G^{-1}(z; k, c)``.
 
-    One conditional neural spline flow G (zuko's coupling NSF), whose context is the one-hot
-    component index k (and the CWM context c), serves all K maps; a location-scale layer
-    places each component. The flow's output layers start at zero, so G starts as the
-    identity and the CWM starts as its location-scale counterpart.
+    One conditional flow G, whose context is the one-hot component index k (and the CWM
+    context c), serves all K maps; a location-scale layer places each component. The flow's
+    output layers start at zero, so G starts as the identity and the CWM starts as its
+    location-scale counterpart.
+
+    Two flows: ``"nsf"``, zuko's coupling neural spline flow (both directions cost one
+    pass), and ``"maf"``, zuko's fully autoregressive affine flow, in which every
+    coordinate's scale may depend on all coordinates before it (what a funnel needs: the
+    scale of x_i is a function of v); its inverse, used to sample, costs ``dim`` passes.
 
     Args:
-        transforms: number of spline coupling transforms in G.
-        bins: number of spline bins.
+        flow: ``"nsf"`` or ``"maf"``.
+        transforms: number of transforms in G.
+        bins: number of spline bins (``"nsf"`` only).
         flow_hidden_dims: hidden widths of G's conditioner networks.
         hidden_dims: hidden widths of the context network of the location-scale layer.
     """
@@ -198,20 +204,26 @@ class FlowMaps(ComponentMaps):
         num_components: int,
         context_dim: int = 0,
         hidden_dims: Sequence[int] = (64,),
+        flow: str = "nsf",
         transforms: int = 2,
         bins: int = 8,
         flow_hidden_dims: Sequence[int] = (64, 64),
     ) -> None:
         super().__init__(dim, num_components, context_dim)
         self.location_scale = LocationScaleMaps(dim, num_components, context_dim, hidden_dims)
-        self.flow = zuko.flows.NSF(
-            features=dim,
-            context=num_components + context_dim,
-            transforms=check_positive_int("transforms", transforms),
-            bins=check_positive_int("bins", bins),
-            hidden_features=check_hidden_dims(flow_hidden_dims, "flow_hidden_dims"),
-            passes=2,
-        ).transform
+        common = {
+            "features": dim,
+            "context": num_components + context_dim,
+            "transforms": check_positive_int("transforms", transforms),
+            "hidden_features": check_hidden_dims(flow_hidden_dims, "flow_hidden_dims"),
+        }
+        if flow == "nsf":
+            built = zuko.flows.NSF(bins=check_positive_int("bins", bins), passes=2, **common)
+        elif flow == "maf":
+            built = zuko.flows.MAF(**common)
+        else:
+            raise ValueError(f"flow must be 'nsf' or 'maf', got {flow!r}")
+        self.flow = built.transform
         self.reset_flow()
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ from tests.helpers import (
     MAP_KINDS,
     binned_goodness_of_fit,
     composite_gauss_legendre,
+    map_kwargs,
     random_cwm,
 )
 
@@ -84,7 +85,7 @@ def test_constant_classifier_is_the_diagonal_gaussian_mixture(map):
     weights /= weights.sum()
     loc = torch.randn(K, d, dtype=torch.float64)
     scale = torch.rand(K, d, dtype=torch.float64) + 0.2
-    cwm = CWM(d, K, map=map).double()
+    cwm = CWM(d, K, **map_kwargs(map)).double()
     cwm.set_gaussian_mixture(weights, loc, scale)
     gmm = MixtureSameFamily(Categorical(weights), Independent(Normal(loc, scale), 1))
     x = 2 * torch.randn(50, d, dtype=torch.float64)

@@ -16,7 +16,7 @@ from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_Y as Y
 from pyro_cwm.data.posteriors import eight_schools
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.log_joint import unconstrained_log_joint
-from tests.helpers import composite_gauss_legendre
+from tests.helpers import MAP_KINDS, composite_gauss_legendre, map_kwargs
 
 
 def normal_model():
@@ -98,9 +98,9 @@ def test_log_joint_includes_the_jacobian_of_constrained_sites():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("map", ["location_scale", "affine", "flow"])
+@pytest.mark.parametrize("map", MAP_KINDS)
 def test_svi_with_plates_constrained_sites_and_predictive(map):
-    guide = AutoCWM(eight_schools, num_components=3, map=map)
+    guide = AutoCWM(eight_schools, num_components=3, **map_kwargs(map))
     svi = SVI(eight_schools, guide, pyro.optim.Adam({"lr": 0.02}), CWMELBO(num_particles=4))
     losses = [svi.step(Y, SIGMA) for _ in range(150)]
     assert all(math.isfinite(x) for x in losses)

@@ -1,7 +1,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: run test lint bench-density
+.PHONY: run test lint docs bench-density
 
 # Install into a local virtual environment and run the main job: the demo.
 run:
@@ -16,6 +16,12 @@ test:
 
 lint:
 	$(VENV)/bin/ruff check .
+
+# Build the API reference from the docstrings into site/; any warning (a docstring that
+# does not parse, a reference that does not resolve) fails the build.
+docs:
+	bash scripts/setup-venv.sh dev
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench-density:
 	bash scripts/setup-venv.sh dev

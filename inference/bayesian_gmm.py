@@ -170,12 +170,13 @@ def fit_bayesian_gmm_svi(
     Args:
         model: the :class:`BayesianGMM`.
         data: observations of shape (N, d).
-        num_steps, lr: Adam steps and learning rate.
+        num_steps: number of Adam steps.
+        lr: Adam's learning rate.
         init: starting values of the globals (default: :func:`bayesian_gmm_init`).
         init_scale: initial standard deviation of ``AutoNormal``.
         seed: seed of the initialization and of the ELBO's draws (None: the global RNG).
         progress: show a progress bar.
-        **options: passed to :func:`inference.fit_svi` (``patience``, ``checkpoint``, ...).
+        **options (Any): passed to :func:`inference.fit_svi` (``patience``, ``checkpoint``, ...).
 
     Raises:
         ValueError: for bad data or options; FloatingPointError if the fit diverges.

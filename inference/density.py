@@ -58,15 +58,18 @@ def fit_density(
     """Fit ``model`` to ``data`` by maximum likelihood with minibatch Adam.
 
     Args:
-        model: a :class:`pyro_cwm.CWM` (conditional if ``context`` is given), or any module
-            that returns a distribution when called, ``model()`` or ``model(context)``
-            (a zuko flow, say). It is moved to the device and floating dtype of ``data``
-            when ``data`` is a tensor.
-        data: points, shape (N, d); numpy arrays take the model's dtype and device.
-        context: for a conditional model, the contexts, shape (N, context_dim).
+        model (torch.nn.Module): a :class:`pyro_cwm.CWM` (conditional if ``context`` is
+            given), or any module that returns a distribution when called, ``model()`` or
+            ``model(context)`` (a zuko flow, say). It is moved to the device and floating
+            dtype of ``data`` when ``data`` is a tensor.
+        data (torch.Tensor | numpy.ndarray): points, shape (N, d); numpy arrays take the
+            model's dtype and device.
+        context (torch.Tensor | numpy.ndarray | None): for a conditional model, the
+            contexts, shape (N, context_dim).
         epochs: maximum number of passes over the training data.
         batch_size: minibatch size.
-        lr, weight_decay: Adam's learning rate and weight decay.
+        lr: Adam's learning rate.
+        weight_decay: Adam's weight decay.
         validation: fraction of the data held out to measure the held-out NLL, used for
             early stopping and to keep the best parameters (0 disables both).
         validation_data: ``(data,)`` or ``(data, context)`` held out instead of a fraction.

@@ -74,11 +74,13 @@ def fit_flow_gmm(
 
     Args:
         model: the FlowGMM (its device and dtype are used).
-        x, y: labelled points (N, d) and labels (N,).
+        x: labelled points (N, d).
+        y: their labels (N,).
         x_unlabeled: unlabelled points (M, d), for the semi-supervised objective.
         epochs: passes over the data (labelled and unlabelled).
         batch_size: points per step, labelled and unlabelled in proportion.
-        lr, weight_decay: Adam's.
+        lr: Adam's learning rate.
+        weight_decay: Adam's weight decay.
         discriminative_weight: lambda >= 0, see above.
         unlabeled_weight: multiplies the unlabelled points' term (1: every point counts
             the same).

@@ -420,9 +420,10 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         """Fit by EM, ``n_init`` times from different starts, keep the best; returns self.
 
         Args:
-            X: data (N, d): numpy array, torch tensor (fitted on its device unless
-                ``device`` is set) or ``numpy.memmap`` (read in chunks).
-            y: ignored.
+            X (numpy.ndarray | torch.Tensor): data (N, d): numpy array, torch tensor
+                (fitted on its device unless ``device`` is set) or ``numpy.memmap`` (read
+                in chunks).
+            y (None): ignored.
         """
         self.fit_predict(X, y)
         return self

@@ -55,9 +55,10 @@ def to_inference_data(
     ESS and R-hat are defined (independent draws: R-hat near 1).
 
     Args:
-        model: the Pyro model, or a finished ``pyro.infer.MCMC`` run (then ``guide`` and
-            the model arguments are not needed: ArviZ's ``from_pyro`` converts it).
-        guide: the fitted guide.
+        model (Callable | pyro.infer.MCMC): the Pyro model, or a finished
+            ``pyro.infer.MCMC`` run (then ``guide`` and the model arguments are not
+            needed: ArviZ's ``from_pyro`` converts it).
+        guide (Callable | None): the fitted guide.
         num_samples: number of guide draws (a multiple of ``num_chains`` is used).
         seed: seed of the draws (None: the global RNG as it is).
 

@@ -13,9 +13,10 @@ def em_pretrain(cwm, data, **options) -> GaussianMixtureEM:
     bias log weights, location-scale maps at the means and standard deviations).
 
     Args:
-        cwm: a :class:`pyro_cwm.CWM` (K is ``cwm.num_components``).
-        data: points (N, d) with d = ``cwm.dim``; the fit runs on their device.
-        options: options of :class:`inference.GaussianMixtureEM` (``max_iter``, ``tol``,
+        cwm (pyro_cwm.CWM): a :class:`pyro_cwm.CWM` (K is ``cwm.num_components``).
+        data (torch.Tensor | numpy.ndarray): points (N, d) with d = ``cwm.dim``; the fit
+            runs on their device.
+        **options (Any): options of :class:`inference.GaussianMixtureEM` (``max_iter``, ``tol``,
             ``reg_covar``, ``random_state``, ...); ``covariance_type`` is ``"diag"``.
 
     Returns:

@@ -62,8 +62,10 @@ def fit_svi(
     """Run SVI of ``guide`` against ``model(*args, **kwargs)`` and return the history.
 
     Args:
-        model, guide: a Pyro model and guide (an AutoCWM, any autoguide, or a callable).
-        loss: the ELBO; default :class:`CWMELBO` for an AutoCWM, ``Trace_ELBO`` otherwise.
+        model (Callable): a Pyro model.
+        guide (Callable): its guide (an AutoCWM, any autoguide, or a callable).
+        loss (pyro.infer.ELBO | None): the ELBO; default :class:`CWMELBO` for an AutoCWM,
+            ``Trace_ELBO`` otherwise.
         num_steps: maximum number of steps.
         optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": 1e-2})``. A learning-rate
             schedule (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is

@@ -98,11 +98,19 @@ class AutoCWM(AutoContinuous):
         spread_init_fn: per-site initialization of components 1..K-1.
         init_scale: initial scale of every component (> 0).
         map_options: options of the maps family.
-        num_starts, start_steps, start_lr, start_threshold: the spread initialization
-            (``start_steps=0`` skips the climb).
-        laplace, newton_steps, laplace_max_dim, laplace_floor: the curvature-based start
-            (see above; larger models, or Hessians that cannot be computed, fall back to
-            ``laplace=False``).
+        num_starts: number of starting points of the spread initialization (default
+            8 K, and never fewer than K).
+        start_steps: Adam steps of each start's climb (``start_steps=0`` skips the climb).
+        start_lr: step size of the climb.
+        start_threshold: the components start among the points within this many nats of
+            the best one.
+        laplace: use the curvature-based start (see above; larger models, or Hessians
+            that cannot be computed, fall back to ``laplace=False``).
+        newton_steps: maximum number of saddle-free Newton steps that refine the best
+            start.
+        laplace_max_dim: largest number of latent dimensions for the curvature-based
+            start.
+        laplace_floor: narrowest width of a principal axis of the preconditioner (> 0).
 
     Raises:
         ValueError: for K < 1, ``init_scale <= 0``, ``laplace_floor <= 0``, or (at the
@@ -314,7 +322,9 @@ class AutoCWM(AutoContinuous):
             torch.random.set_rng_state(state)
 
     @torch.no_grad()
-    def quantiles(self, quantiles, *args, num_samples: int = 20000, seed: int = 0, **kwargs):
+    def quantiles(
+        self, quantiles, *args, num_samples: int = 20000, seed: int = 0, **kwargs
+    ) -> dict[str, torch.Tensor]:
         """Marginal posterior quantiles of each latent site (Monte Carlo over the mixture).
 
         The CWM's marginals have no closed form: the quantiles of each unconstrained

@@ -112,7 +112,9 @@ class MixtureOfExperts(nn.Module):
         hidden_dims: hidden widths of the softmax gate.
         concentration: the Dirichlet gates' ``mu`` (default 1 for ``"dirichlet"``, 0.5 for
             ``"per_sample"``).
-        prior_cov, noise_precision, optimize: of the default experts.
+        prior_cov: ``prior_cov`` of the default experts.
+        noise_precision: ``noise_precision`` of the default experts.
+        optimize: ``optimize`` of the default experts.
         mode: ``"soft"`` (responsibility-weighted EM, the default; its lower bound never
             decreases) or ``"hard"`` (stochastic EM: each point is given to one expert drawn
             from its responsibilities, the seed's ``"sample"`` mode; the state with the best
@@ -341,7 +343,7 @@ class MixtureOfModels(MixtureOfExperts):
         num_models: K >= 1.
         input_dim: d >= 1.
         concentration: ``mu`` > 0 of the Dirichlet prior.
-        **options: the other keyword arguments of :class:`MixtureOfExperts` (not ``gate``).
+        **options (Any): the other keyword arguments of :class:`MixtureOfExperts` (not ``gate``).
     """
 
     def __init__(

@@ -54,6 +54,7 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNorm
 from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor
 
+from inference.cli.demo import autocwm_map
 from inference.diagnostics import psis_diagnostic
 from inference.elbo import CWMELBO
 from inference.metrics import energy_distance, marginal_errors
@@ -127,14 +128,8 @@ def make_guide(name: str, model, components: int):
         return AutoIAFNormal(model, num_transforms=2), None
     kind, _, map_name = name.partition(":")
     if kind == "AutoCWM":
-        map_options = None
-        if map_name == "maf":  # the flow map with an autoregressive affine flow
-            map_name, map_options = "flow", {"flow": "maf"}
         guide = AutoCWM(
-            model,
-            num_components=components,
-            map=map_name or "location_scale",
-            map_options=map_options,
+            model, num_components=components, **autocwm_map(map_name or "location_scale")
         )
         return guide, CWMELBO(num_particles=4)
     raise ValueError(f"unknown method {name!r}")

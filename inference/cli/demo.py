@@ -58,18 +58,38 @@ def _optim(steps: int, lr: float) -> pyro.optim.PyroOptim:
     )
 
 
+# AutoCWM's component maps by command-line name; "maf" is the flow map with an
+# autoregressive affine flow (map_options flow="maf"), the one for funnels.
+MAP_CHOICES = ("location_scale", "affine", "flow", "maf")
+
+
+def autocwm_map(name: str) -> dict:
+    """``AutoCWM`` keyword arguments (``map``, ``map_options``) for a name of MAP_CHOICES.
+
+    Raises:
+        ValueError: if ``name`` is not one of MAP_CHOICES.
+    """
+    if name not in MAP_CHOICES:
+        raise ValueError(f"map must be one of {MAP_CHOICES}, got {name!r}")
+    if name == "maf":
+        return {"map": "flow", "map_options": {"flow": "maf"}}
+    return {"map": name, "map_options": None}
+
+
 def fit_guide(model, model_args: tuple, name: str, args) -> tuple[dict, az.InferenceData, list]:
     """Fit ``name`` (AutoNormal or AutoCWM) to ``model(*model_args)``; diagnose it.
 
     Returns the table row (ELBO, IS log Z, k-hat, time), the InferenceData and the losses.
-    ``args`` carries ``steps``, ``lr``, ``components``, ``samples``, ``seed``, ``no_progress``.
+    ``args`` carries ``steps``, ``lr``, ``components``, ``map``, ``samples``, ``seed``,
+    ``no_progress``.
     """
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     if name == "AutoNormal":
         guide, loss = AutoNormal(model), Trace_ELBO(num_particles=4, vectorize_particles=True)
     else:
-        guide, loss = AutoCWM(model, num_components=args.components), CWMELBO(num_particles=4)
+        guide = AutoCWM(model, num_components=args.components, **autocwm_map(args.map))
+        loss = CWMELBO(num_particles=4)
     started = time.perf_counter()
     history = fit_svi(model, guide, *model_args, loss=loss, num_steps=args.steps,
                       optim=_optim(args.steps, args.lr), progress=not args.no_progress)
@@ -100,6 +120,10 @@ def add_svi_arguments(p: argparse.ArgumentParser) -> None:
     """The options ``fit_guide`` reads, shared by ``demo`` and ``vi``."""
     p.add_argument("--steps", type=int, default=1500, help="SVI steps per guide")
     p.add_argument("--components", type=int, default=8, help="K of AutoCWM")
+    p.add_argument("--map", choices=MAP_CHOICES, default="location_scale",
+                   help="AutoCWM's component maps: location_scale (diagonal), affine (full "
+                   "covariance), flow (a spline flow) or maf (an autoregressive affine flow, "
+                   "for funnels; slower)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam step size (decays 10x "
                    "over the last third of the steps)")
     p.add_argument("--samples", type=int, default=2000,

@@ -1,11 +1,13 @@
 """``pyro-cwm demo`` with tiny settings: its files and its table."""
 
 import json
+import math
 
 import arviz as az
 import pytest
 
 from inference.cli import main
+from inference.cli.demo import autocwm_map
 
 
 def test_demo_writes_inference_data_plots_and_table(tmp_path, capsys):
@@ -77,3 +79,21 @@ def test_vi_bad_targets_give_one_line(tmp_path, capsys, target, message):
     path.write_text(MODEL_FILE)
     assert main(["vi", target.format(path=path), "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_vi_with_the_autoregressive_flow_map(tmp_path, capsys):
+    path = tmp_path / "mymodel.py"
+    path.write_text(MODEL_FILE)
+    out = tmp_path / "out"
+    code = main(["vi", f"{path}:model", "--args", "data", "--map", "maf", "--steps", "10",
+                 "--samples", "50", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((out / "table.json").read_text())
+    assert all(math.isfinite(r["elbo"]) for r in rows)
+
+
+def test_autocwm_map_names():
+    assert autocwm_map("maf") == {"map": "flow", "map_options": {"flow": "maf"}}
+    assert autocwm_map("affine") == {"map": "affine", "map_options": None}
+    with pytest.raises(ValueError, match="map must be one of"):
+        autocwm_map("spline")

@@ -1,14 +1,14 @@
 """Fitting the Bayesian Gaussian mixture: SVI, NUTS, MAP-EM, and cluster assignments.
 
-The model is :class:`pyro_cwm.models.BayesianGMM`; its assignment site is enumerated, so
+The model is [`BayesianGMM`][pyro_cwm.models.BayesianGMM]; its assignment site is enumerated, so
 every method here works on the marginal posterior of the globals
 
     p(w, mu, sigma, L | x)  propto  p(w, mu, sigma, L) prod_n sum_k w_k N(x_n | mu_k, Sigma_k).
 
 That posterior is invariant under the K! permutations of the component labels: a sampler
 that mixes well visits K! copies of every mode, and independent chains (or fits) land in
-different copies. :func:`inference.labels.align_labels` relabels draws to a common
-reference and reports the permutations it applied, so the switching is shown, not hidden.
+different copies. [`align_labels`][inference.align_labels] relabels draws to a common reference and
+reports the permutations it applied, so the switching is shown, not hidden.
 """
 
 from __future__ import annotations
@@ -134,12 +134,13 @@ def _init_for(model: BayesianGMM, data: Tensor, init, seed: int | None) -> dict[
 
 @dataclass
 class BayesianGMMSVIFit:
-    """Result of :func:`fit_bayesian_gmm_svi`.
+    """Result of [`fit_bayesian_gmm_svi`][inference.fit_bayesian_gmm_svi].
 
     Attributes:
         guide: the fitted autoguide over the globals (``AutoDelta`` or ``AutoNormal``).
         params: the guide's point estimate of every global site (``guide.median()``).
-        history: the history returned by :func:`inference.fit_svi` (``loss`` = negative ELBO).
+        history: the history returned by [`fit_svi`][inference.fit_svi] (``loss`` = negative
+            ELBO).
     """
 
     guide: Any
@@ -163,20 +164,23 @@ def fit_bayesian_gmm_svi(
     """Fit the globals by SVI with ``TraceEnum_ELBO``: the assignments are summed out exactly.
 
     The guide covers only the globals (the model is wrapped in ``poutine.block(expose=...)``
-    of :attr:`BayesianGMM.global_sites`, as in Pyro's GMM tutorial): ``guide="delta"`` gives
-    MAP estimation (``AutoDelta``; the same objective as :func:`fit_bayesian_gmm_map_em`),
-    ``guide="normal"`` a mean-field Gaussian in the unconstrained space (``AutoNormal``).
+    of [`BayesianGMM.global_sites`][pyro_cwm.models.BayesianGMM.global_sites], as in Pyro's
+    GMM tutorial): ``guide="delta"`` gives MAP estimation (``AutoDelta``; the same objective
+    as [`fit_bayesian_gmm_map_em`][inference.fit_bayesian_gmm_map_em]), ``guide="normal"`` a
+    mean-field Gaussian in the unconstrained space (``AutoNormal``).
 
     Args:
-        model: the :class:`BayesianGMM`.
+        model: the [`BayesianGMM`][pyro_cwm.models.BayesianGMM].
         data: observations of shape (N, d).
         num_steps: number of Adam steps.
         lr: Adam's learning rate.
-        init: starting values of the globals (default: :func:`bayesian_gmm_init`).
+        init: starting values of the globals (default:
+            [`bayesian_gmm_init`][inference.bayesian_gmm.bayesian_gmm_init]).
         init_scale: initial standard deviation of ``AutoNormal``.
         seed: seed of the initialization and of the ELBO's draws (None: the global RNG).
         progress: show a progress bar.
-        **options (Any): passed to :func:`inference.fit_svi` (``patience``, ``checkpoint``, ...).
+        **options (Any): passed to [`fit_svi`][inference.fit_svi] (``patience``, ``checkpoint``,
+            ...).
 
     Raises:
         ValueError: for bad data or options; FloatingPointError if the fit diverges.
@@ -217,11 +221,12 @@ def fit_bayesian_gmm_svi(
 
 @dataclass
 class BayesianGMMNUTSRun:
-    """Result of :func:`sample_bayesian_gmm_nuts`.
+    """Result of [`sample_bayesian_gmm_nuts`][inference.sample_bayesian_gmm_nuts].
 
     Attributes:
         samples: ``{site: tensor (num_chains, num_samples, *site_shape)}`` of the globals,
-            with their labels as sampled (not aligned: see :func:`align_labels`).
+            with their labels as sampled (not aligned: see
+            [`align_labels`][inference.align_labels]).
         runs: the ``pyro.infer.MCMC`` object of every chain.
         inits: the starting values of every chain.
         divergences: number of divergent transitions after warm-up, per chain.
@@ -251,12 +256,13 @@ def sample_bayesian_gmm_nuts(
 
     Chains run one after the other in this process, chain ``c`` with seed ``seed + c``.
     Each starts from ``init`` (one dict for all chains, or a list of one per chain) or, by
-    default, from :func:`bayesian_gmm_init` with k-means seed ``seed + c``: different
-    chains may start, and stay, in different label permutations of the same mode.
+    default, from [`bayesian_gmm_init`][inference.bayesian_gmm.bayesian_gmm_init] with
+    k-means seed ``seed + c``: different chains may start, and stay, in different label
+    permutations of the same mode.
 
     Returns:
-        a :class:`BayesianGMMNUTSRun`; ``samples[site]`` has shape
-        (num_chains, num_samples, *site_shape).
+        a [`BayesianGMMNUTSRun`][inference.bayesian_gmm.BayesianGMMNUTSRun];
+        ``samples[site]`` has shape (num_chains, num_samples, *site_shape).
 
     Raises:
         ValueError: for bad data, counts, or a list ``init`` of the wrong length.
@@ -311,7 +317,7 @@ def sample_bayesian_gmm_nuts(
 
 @dataclass
 class BayesianGMMMAPFit:
-    """Result of :func:`fit_bayesian_gmm_map_em`.
+    """Result of [`fit_bayesian_gmm_map_em`][inference.fit_bayesian_gmm_map_em].
 
     Attributes:
         params: the MAP estimate ``{site: tensor}`` (the model's site shapes).
@@ -411,11 +417,13 @@ def fit_bayesian_gmm_map_em(
 ) -> BayesianGMMMAPFit:
     """MAP estimate of the globals by EM (an ECM algorithm: conditional M-steps).
 
-    The objective is the log posterior ``log p(data, params)`` of :meth:`BayesianGMM.log_joint`
-    in the model's constrained parametrization (what ``AutoDelta`` maximizes). Every
-    iteration takes the exact E-step ``r_nk = p(z_n = k | x_n, params)`` and then maximizes
-    the expected complete log joint ``Q = sum_nk r_nk [log w_k + log N(x_n | mu_k, Sigma_k)]
-    + log p(params)`` one block at a time, each block given the others:
+    The objective is the log posterior ``log p(data, params)`` of
+    [`BayesianGMM.log_joint`][pyro_cwm.models.BayesianGMM.log_joint] in the model's
+    constrained parametrization (what ``AutoDelta`` maximizes). Every iteration takes the
+    exact E-step ``r_nk = p(z_n = k | x_n, params)`` and then maximizes the expected
+    complete log joint
+    ``Q = sum_nk r_nk [log w_k + log N(x_n | mu_k, Sigma_k)] + log p(params)`` one block at
+    a time, each block given the others:
 
     - weights, closed form: ``w_k = (N_k + alpha - 1) / (N + K (alpha - 1))``;
     - means given the covariances, closed form:
@@ -428,7 +436,8 @@ def fit_bayesian_gmm_map_em(
     No block lowers Q, so the log posterior does not decrease (generalized EM).
 
     Args:
-        init: starting values (default: :func:`bayesian_gmm_init` with ``seed``).
+        init: starting values (default:
+            [`bayesian_gmm_init`][inference.bayesian_gmm.bayesian_gmm_init] with ``seed``).
         max_iter: maximum number of iterations.
         tol: stop when the increase of the log posterior is below ``tol * (1 + |value|)``.
         m_step_iters: L-BFGS iterations per M-step (full covariance only).
@@ -542,8 +551,9 @@ def enumerated_responsibilities(
 ) -> Tensor:
     """``p(z_n = k | x_n, params)`` (N, K) from Pyro's enumeration (``compute_marginals``).
 
-    The same numbers as :meth:`BayesianGMM.responsibilities`, computed by Pyro's
-    variable elimination instead of by hand.
+    The same numbers as
+    [`BayesianGMM.responsibilities`][pyro_cwm.models.BayesianGMM.responsibilities], computed
+    by Pyro's variable elimination instead of by hand.
     """
     model = _check_model(model)
     data = model.check_data(data)
@@ -564,7 +574,8 @@ def posterior_responsibilities(
     """Posterior mean responsibilities ``E[p(z_n = k | x_n, params) | data]``: shape (N, K).
 
     ``samples`` holds draws with any leading dims (e.g. (chains, draws)); the average is
-    meaningful only if their labels agree: pass :attr:`LabelAlignment.samples`.
+    meaningful only if their labels agree: pass the ``samples`` of a
+    [`LabelAlignment`][inference.LabelAlignment].
     """
     model = _check_model(model)
     batch = samples["locs"].shape[:-2]

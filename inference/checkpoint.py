@@ -23,7 +23,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+    """Load a checkpoint written by ``save_checkpoint`` (``weights_only=True``).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.

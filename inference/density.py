@@ -58,7 +58,7 @@ def fit_density(
     """Fit ``model`` to ``data`` by maximum likelihood with minibatch Adam.
 
     Args:
-        model (torch.nn.Module): a :class:`pyro_cwm.CWM` (conditional if ``context`` is
+        model (torch.nn.Module): a [`CWM`][pyro_cwm.nn.CWM] (conditional if ``context`` is
             given), or any module that returns a distribution when called, ``model()`` or
             ``model(context)`` (a zuko flow, say). It is moved to the device and floating
             dtype of ``data`` when ``data`` is a tensor.
@@ -75,9 +75,9 @@ def fit_density(
         validation_data: ``(data,)`` or ``(data, context)`` held out instead of a fraction.
         patience: stop after this many epochs without a better held-out NLL (None: never).
         em_pretraining: start from a diagonal Gaussian mixture fitted by EM on the training
-            data (see :func:`inference.em_pretrain`), unless resuming. The default
+            data (see [`em_pretrain`][inference.em_pretrain]), unless resuming. The default
             does so for models that support it (those with ``set_gaussian_mixture``).
-        em_options: options of :class:`inference.GaussianMixtureEM` (diagonal family).
+        em_options: options of [`GaussianMixtureEM`][inference.GaussianMixtureEM] (diagonal family).
         grad_clip: clip the gradient norm to this value.
         seed: seed of the split, the shuffling and the EM initialization.
         progress: show a tqdm progress bar.

@@ -16,7 +16,7 @@ from pyro_cwm.guides.log_joint import max_plate_nesting, per_particle
 
 @dataclass
 class PSISDiagnostic:
-    """What :func:`psis_diagnostic` returns.
+    """What [`psis_diagnostic`][inference.psis_diagnostic] returns.
 
     Attributes:
         k_hat: Pareto shape of the largest importance weights (Yao et al., 2018):

@@ -23,7 +23,7 @@ from pyro_cwm.guides.log_joint import unconstrained_log_joint
 
 
 class CWMELBO(ELBO):
-    """The Rao-Blackwellized ELBO for :class:`pyro_cwm.guides.AutoCWM` guides.
+    """The Rao-Blackwellized ELBO for [`AutoCWM`][pyro_cwm.guides.AutoCWM] guides.
 
     Each of ``num_particles`` reparameterized draws z gives all K component images
     T_k(z); their model and guide log-densities are weighted by the classifier's w_k(z)
@@ -35,7 +35,7 @@ class CWMELBO(ELBO):
     gradient is scaled by it). So for the first ``classifier_warmup`` steps the
     classifier is held constant (its gradients are dropped; it starts uniform): every
     component moves, with weight 1/K, to the mode nearest its spread start (see
-    :class:`~pyro_cwm.guides.AutoCWM`), and only then do the weights adapt. The counter
+    [`AutoCWM`][pyro_cwm.guides.AutoCWM]), and only then do the weights adapt. The counter
     is ``self.step``; use a new CWMELBO (or reset ``step``) for a new fit.
 
     Args:

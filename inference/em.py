@@ -2,17 +2,18 @@
 
 An EM iteration is one pass over the data in chunks: the E-step of a chunk gives its
 responsibilities, which are folded at once into additive sufficient statistics
-(:class:`inference.gmm_families.SufficientStatistics`); the M-step turns the summed
+(``inference.gmm_families.SufficientStatistics``); the M-step turns the summed
 statistics into new parameters. Nothing of size (N, K) is kept, so the data can be a
 memory-mapped array larger than memory, and a data-parallel version only has to sum the
 statistics across devices (one all-reduce) before the M-step.
 
-- :func:`run_em`: full-batch EM (exact), over chunks from a re-iterable source.
-- :func:`stepwise_statistics`: stepwise (online) EM, Cappé & Moulines (2009): running
+- ``run_em``: full-batch EM (exact), over chunks from a re-iterable source.
+- ``stepwise_statistics``: stepwise (online) EM, Cappé & Moulines (2009): running
   statistics ``s <- (1 - eta_t) s + eta_t s(batch)`` after each minibatch, then an M-step;
-  :meth:`inference.GaussianMixtureEM.partial_fit` uses it.
-- :func:`fit_experts_em`: variational EM of a :class:`pyro_cwm.models.MixtureOfExperts`
-  (responsibilities, the experts' Gaussian posteriors, the gate, the hyperparameters).
+  [`GaussianMixtureEM.partial_fit`][inference.GaussianMixtureEM.partial_fit] uses it.
+- [`fit_experts_em`][inference.fit_experts_em]: variational EM of a
+  [`MixtureOfExperts`][pyro_cwm.models.MixtureOfExperts] (responsibilities, the experts' Gaussian
+  posteriors, the gate, the hyperparameters).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def feature_chunks(chunks: Iterable[Tensor], kind: str) -> Iterator[Tensor]:
 
 @dataclass
 class EMRun:
-    """Result of :func:`run_em`: the last parameters and the trace of the lower bound.
+    """Result of ``run_em``: the last parameters and the trace of the lower bound.
 
     ``lower_bounds[t]`` is the mean log-likelihood at the parameters before M-step t+1,
     as scikit-learn's ``lower_bounds_``.
@@ -159,7 +160,7 @@ def run_em(
         cache_features: keep the chunks' features from the first pass for the next ones
             (memory: N * m numbers, m = d(d+3)/2 for full and tied, 2d for diag).
         centered: use the centered scheme (accurate in float32; see
-            :mod:`inference.gmm_families`) instead of the feature scheme.
+            ``inference.gmm_families``) instead of the feature scheme.
 
     Raises:
         ValueError: if a covariance becomes singular or the likelihood not finite.
@@ -215,7 +216,7 @@ def stepwise_statistics(
 
 @dataclass
 class ExpertsEMRun:
-    """The result of :func:`fit_experts_em` for its best start.
+    """The result of [`fit_experts_em`][inference.fit_experts_em] for its best start.
 
     ``lower_bounds`` and ``log_likelihoods`` are per point and per iteration (the bound at
     the responsibilities of that iteration, and the mean predictive log-density of the
@@ -279,7 +280,7 @@ def _experts_em_once(model, X: Tensor, Y: Tensor, *, bar_description: str) -> Ex
 
 
 def fit_experts_em(model, X, Y) -> ExpertsEMRun:
-    """Fit a :class:`pyro_cwm.models.MixtureOfExperts` by variational EM, in place.
+    """Fit a [`MixtureOfExperts`][pyro_cwm.models.MixtureOfExperts] by variational EM, in place.
 
     Every iteration: responsibilities ``r_nk`` proportional to ``exp(E[log pi_nk] + E[log
     p(y_n | x_n, k)])`` (their lower bound is recorded), then the experts' posterior from

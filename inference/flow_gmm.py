@@ -64,7 +64,7 @@ def fit_flow_gmm(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit a :class:`FlowGMM` by maximum likelihood with Adam.
+    """Fit a [`FlowGMM`][pyro_cwm.models.FlowGMM] by maximum likelihood with Adam.
 
     The loss of a step is ``-(n_l log p(x, y) + n_u log p(x)) / (n_l + n_u)`` on a labelled
     and (semi-supervised) an unlabelled minibatch, each a mean weighted by its share of

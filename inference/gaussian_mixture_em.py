@@ -1,8 +1,8 @@
 """``GaussianMixtureEM``: Gaussian mixtures fitted by EM, with scikit-learn's API, on torch.
 
 The estimator keeps scikit-learn's constructor, methods, fitted attributes and sign
-conventions (:class:`sklearn.mixture.GaussianMixture`), and runs the EM loop of
-:mod:`inference.em` on torch tensors wherever they live (CUDA included). Inputs may be
+conventions (``sklearn.mixture.GaussianMixture``), and runs the EM loop of
+``inference.em`` on torch tensors wherever they live (CUDA included). Inputs may be
 numpy arrays (results come back as numpy arrays), torch tensors (results stay tensors on
 the fitted device) or memory-mapped arrays larger than memory (read in chunks).
 """
@@ -105,7 +105,9 @@ class _ChunkReader:
 class GaussianMixtureEM(DensityMixin, BaseEstimator):
     """Gaussian mixture fitted by EM, scikit-learn's ``GaussianMixture`` API on torch.
 
-    Parameters (as in scikit-learn unless said):
+    The parameters are scikit-learn's unless said otherwise.
+
+    Args:
         n_components: number of components K.
         covariance_type: ``"full"``, ``"tied"``, ``"diag"``, ``"spherical"``, or
             ``"constant"`` (every component ``constant_variance * I``, not estimated).
@@ -114,20 +116,26 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         max_iter: EM iterations per initialization.
         n_init: initializations; the one with the best lower bound is kept.
         init_params: ``"kmeans"``, ``"k-means++"``, ``"random"`` or ``"random_from_data"``.
-        weights_init, means_init, precisions_init: user-given initial parameters (arrays
-            or tensors of scikit-learn's shapes: (K,), (K, d), and per family (K, d, d),
-            (d, d), (K, d), (K,)); they override what ``init_params`` computes.
-        random_state: None, an int, or a ``numpy.random.RandomState``.
+        weights_init (numpy.ndarray | torch.Tensor | None): user-given initial weights (K,).
+            User-given initial parameters override what ``init_params`` computes.
+        means_init (numpy.ndarray | torch.Tensor | None): user-given initial means (K, d).
+        precisions_init (numpy.ndarray | torch.Tensor | None): user-given initial precisions,
+            of scikit-learn's shape per family: (K, d, d), (d, d), (K, d), (K,).
+        random_state (int | numpy.random.RandomState | None): None, an int, or a
+            ``numpy.random.RandomState``.
         warm_start: reuse the last solution as the start of the next ``fit``.
         verbose: 0 silent; 1 shows a progress bar per initialization.
         constant_variance: the fixed variance of the ``"constant"`` family.
         chunk_size: rows per E-step chunk (memory bound; results do not depend on it).
-            None: about 2**25 / (K * d) rows for ``full``, 2**25 / (K + d) otherwise.
-        learning_decay, learning_offset: step sizes ``(t + offset) ** -decay`` of the
-            stepwise EM in :meth:`partial_fit` (decay in (0.5, 1]).
-        device: where to fit; None: the input tensor's device (numpy input: CPU).
-        dtype: ``torch.float32`` or ``torch.float64`` (or their names); None: the input's
-            floating dtype (other dtypes become float64).
+            None: about ``2**25 / (K * d)`` rows for ``full``, ``2**25 / (K + d)`` otherwise.
+        learning_decay: ``decay`` in the step sizes ``(t + offset) ** -decay`` of the
+            stepwise EM in [`partial_fit`][inference.GaussianMixtureEM.partial_fit] (in
+            (0.5, 1]).
+        learning_offset: ``offset`` in those step sizes.
+        device (torch.device | str | None): where to fit; None: the input tensor's device
+            (numpy input: CPU).
+        dtype (torch.dtype | str | None): ``torch.float32`` or ``torch.float64`` (or their
+            names); None: the input's floating dtype (other dtypes become float64).
 
     Fitted attributes: ``weights_``, ``means_``, ``covariances_``, ``precisions_``,
     ``precisions_cholesky_``, ``converged_``, ``n_iter_``, ``lower_bound_``,
@@ -429,7 +437,10 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         return self
 
     def fit_predict(self, X, y=None):
-        """Fit as :meth:`fit` and return the component labels of ``X`` (N,)."""
+        """Fit and return the component labels of ``X`` (N,).
+
+        Fits as [`fit`][inference.GaussianMixtureEM.fit] does.
+        """
         self._check_parameters()
         do_init = not (self.warm_start and self.__sklearn_is_fitted__())
         data = self._validate(X, reset=do_init, min_rows=2)
@@ -487,7 +498,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         The first call initializes from ``X`` with ``init_params`` (and ``*_init``); each
         call then runs an E-step on ``X``, mixes its per-point statistics into the
         running ones with step size ``(t + learning_offset) ** -learning_decay`` (the
-        first call: 1), and runs an M-step. For data that arrive as a stream::
+        first call: 1), and runs an M-step. For data that arrive as a stream:
 
             for chunk in stream:
                 gm.partial_fit(chunk)
@@ -548,7 +559,10 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         return self._params
 
     def distribution(self) -> GaussianMixture:
-        """The fitted mixture as a :class:`pyro_cwm.GaussianMixture` (on the fitting device)."""
+        """The fitted mixture as a distribution, on the fitting device.
+
+        A [`GaussianMixture`][pyro_cwm.distributions.GaussianMixture].
+        """
         check_is_fitted(self)
         p, kind = self._params, self.covariance_type
         return GaussianMixture(

@@ -1,11 +1,11 @@
 r"""What differs between the covariance families of a Gaussian mixture under EM.
 
-The EM loop (:mod:`inference.em`) is written once; this module holds, per family, the
+The EM loop (``inference.em``) is written once; this module holds, per family, the
 three things it needs: the E-step log-densities of a chunk of points, the sufficient
 statistics of a chunk given its responsibilities, and the M-step from summed statistics.
 
 Two schemes compute the first two. The feature scheme (float64 default) writes both as
-matrix products with the features ``[x, q(x), 1]`` of :func:`second_order_features`:
+matrix products with the features ``[x, q(x), 1]`` of ``second_order_features``:
 fast, with moments about the origin of the (centered) data. The centered scheme (float32
 default) whitens ``x_n - mu_k`` per component and takes moments about the E-step's means:
 twice the flops, but accurate in single precision however far apart the clusters are.
@@ -94,7 +94,7 @@ class SufficientStatistics:
 
 
 def feature_width(dim: int, kind: str) -> int:
-    """Number of columns of :func:`second_order_features` for d = ``dim``."""
+    """Number of columns of ``second_order_features`` for d = ``dim``."""
     quad = {"full": dim * (dim + 1) // 2, "tied": dim * (dim + 1) // 2, "diag": dim}
     return dim + quad.get(kind, 1) + 1
 
@@ -201,7 +201,7 @@ def centered_joint_log_probs(
     The accurate scheme (scikit-learn's for the full family): no expanded square, so no
     cancellation when the clusters are far apart relative to their widths, at twice the
     flops of the feature scheme. Returns the differences ``x_n - mu_k`` (K, n, d) too,
-    for :func:`centered_statistics`.
+    for ``centered_statistics``.
     """
     means, factor = params.means, params.precisions_cholesky
     d = means.shape[-1]
@@ -322,7 +322,10 @@ def covariances_from_cholesky(factor: Tensor, kind: str) -> Tensor:
 
 
 def scale_from_covariances(covariances: Tensor, kind: str) -> Tensor:
-    """The ``scale`` argument of :class:`pyro_cwm.GaussianMixture` for these covariances."""
+    """The ``scale`` argument of the Gaussian mixture for these covariances.
+
+    See [`GaussianMixture`][pyro_cwm.distributions.GaussianMixture].
+    """
     if kind in ("full", "tied"):
         return torch.linalg.cholesky(covariances)
     return covariances.sqrt()

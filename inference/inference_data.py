@@ -1,6 +1,6 @@
 """Conversion of fitted guides and MCMC runs to ArviZ InferenceData.
 
-All contact with ArviZ's constructors is in :func:`_build`: supporting ArviZ 1.x
+All contact with ArviZ's constructors is in ``_build``: supporting ArviZ 1.x
 (DataTree, nested ``from_dict``) means changing that function alone.
 """
 

@@ -39,7 +39,7 @@ def kmeans_plus_plus_indices(
 
 
 def kmeans_plus_plus(data: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
-    """k-means++ seeds, shape (K, d): see :func:`kmeans_plus_plus_indices`."""
+    """k-means++ seeds, shape (K, d): see ``kmeans_plus_plus_indices``."""
     return data[kmeans_plus_plus_indices(data, num_clusters, generator)]
 
 

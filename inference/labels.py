@@ -1,11 +1,11 @@
 """Label switching: relabel the draws of a mixture posterior to a common reference.
 
 A mixture's posterior is invariant under the K! permutations of the component labels, so
-chains and fits land in different copies of each mode. :func:`align_labels` matches every
-draw's component means to a reference (all permutations for small K, the Hungarian
-algorithm above), re-averages the reference until the labels settle, and keeps both the
-aligned and the unaligned draws with the permutations applied: the switching is shown,
-not hidden.
+chains and fits land in different copies of each mode.
+[`align_labels`][inference.align_labels] matches every draw's component means to a reference
+(all permutations for small K, the Hungarian algorithm above), re-averages the reference
+until the labels settle, and keeps both the aligned and the unaligned draws with the
+permutations applied: the switching is shown, not hidden.
 """
 
 from __future__ import annotations

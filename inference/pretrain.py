@@ -13,14 +13,15 @@ def em_pretrain(cwm, data, **options) -> GaussianMixtureEM:
     bias log weights, location-scale maps at the means and standard deviations).
 
     Args:
-        cwm (pyro_cwm.CWM): a :class:`pyro_cwm.CWM` (K is ``cwm.num_components``).
+        cwm (pyro_cwm.CWM): a [`CWM`][pyro_cwm.nn.CWM] (K is ``cwm.num_components``).
         data (torch.Tensor | numpy.ndarray): points (N, d) with d = ``cwm.dim``; the fit
             runs on their device.
-        **options (Any): options of :class:`inference.GaussianMixtureEM` (``max_iter``, ``tol``,
-            ``reg_covar``, ``random_state``, ...); ``covariance_type`` is ``"diag"``.
+        **options (Any): options of [`GaussianMixtureEM`][inference.GaussianMixtureEM]
+            (``max_iter``, ``tol``, ``reg_covar``, ``random_state``, ...);
+            ``covariance_type`` is ``"diag"``.
 
     Returns:
-        The fitted :class:`inference.GaussianMixtureEM`.
+        The fitted [`GaussianMixtureEM`][inference.GaussianMixtureEM].
 
     Raises:
         ValueError: for data of the wrong shape or with NaN/inf, and as the estimator does.

@@ -64,8 +64,8 @@ def fit_svi(
     Args:
         model (Callable): a Pyro model.
         guide (Callable): its guide (an AutoCWM, any autoguide, or a callable).
-        loss (pyro.infer.ELBO | None): the ELBO; default :class:`CWMELBO` for an AutoCWM,
-            ``Trace_ELBO`` otherwise.
+        loss (pyro.infer.ELBO | None): the ELBO; default [`CWMELBO`][inference.CWMELBO] for an
+            AutoCWM, ``Trace_ELBO`` otherwise.
         num_steps: maximum number of steps.
         optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": 1e-2})``. A learning-rate
             schedule (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is

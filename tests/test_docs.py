@@ -4,9 +4,15 @@ A docstring that griffe cannot parse (a documented argument missing from the sig
 parameter without a type) or a cross-reference that does not resolve is a warning, and a
 warning fails the build. mkdocs is installed by the ``dev`` extra: a missing install fails
 here rather than skipping.
+
+Docstrings link with mkdocs-autorefs: ``[`CWM`][pyro_cwm.nn.CWM]``, by the identifier under
+which ``docs/api`` documents the target; what is not documented is plain ``code``. Sphinx
+roles (``:class:`CWM```) are not links in mkdocs: they render as literal text, and nothing
+checks their targets, so they are rejected here, in the rendered pages and in the sources.
 """
 
 import ast
+import html
 import re
 import subprocess
 import sys
@@ -15,6 +21,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The source trees whose docstrings and comments must not use Sphinx roles.
+SOURCES = ["pyro_cwm", "inference"]
+
+# A Sphinx cross-reference role (``:class:`X```, ``:py:meth:`X```, ...).
+SPHINX_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|obj|data|exc):`")
+# What any reST role (``:math:`x```, ...) becomes once Markdown renders it: ``:role:<code>``.
+RENDERED_ROLE = re.compile(r":(?:py:)?[a-z]+:<code>")
+# The text of a Sphinx role after rendering, whatever markup surrounds it.
+ROLE_TEXT = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|obj|data|exc):")
+# reST block markup Markdown leaves as text: a ``word::`` literal-block marker ending a
+# paragraph, or a directive (``.. note::``).
+REST_BLOCK = re.compile(r"\w::\s*</p>|\.\. [a-z-]+::")
+# An autorefs cross-reference in a docstring or comment: [`text`][identifier].
+AUTOREF = re.compile(r"\[`[^`\]]+`\]\[([^\]]*)\]")
 
 # The packages whose ``__all__`` the reference must cover.
 PACKAGES = [
@@ -53,6 +74,23 @@ def _page(site: Path, name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def _pages(site: Path) -> list[Path]:
+    pages = sorted(site.glob("**/*.html"))
+    assert site / "api" / "guides" / "index.html" in pages
+    return pages
+
+
+def _anchors(site: Path) -> set[str]:
+    anchors = set()
+    for page in site.joinpath("api").glob("*/index.html"):
+        anchors.update(re.findall(r'id="([\w.]+)"', page.read_text(encoding="utf-8")))
+    return anchors
+
+
+def _sources() -> list[Path]:
+    return sorted(path for tree in SOURCES for path in REPO.joinpath(tree).rglob("*.py"))
+
+
 def _public_names(package: str) -> list[str]:
     init = REPO.joinpath(*package.split("."), "__init__.py")
     for node in ast.parse(init.read_text(encoding="utf-8")).body:
@@ -80,9 +118,7 @@ def test_key_pages_render_the_docstrings(site):
 
 
 def test_every_public_name_is_documented(site):
-    anchors = set()
-    for page in site.joinpath("api").glob("*/index.html"):
-        anchors.update(re.findall(r'id="([\w.]+)"', page.read_text(encoding="utf-8")))
+    anchors = _anchors(site)
     missing = []
     for package in PACKAGES:
         for name in _public_names(package):
@@ -92,3 +128,47 @@ def test_every_public_name_is_documented(site):
             ):
                 missing.append(f"{package}.{name}")
     assert not missing, "public names missing from docs/api: " + ", ".join(missing)
+
+
+def test_cross_references_are_links(site):
+    # The docstrings' [`text`][identifier] references became links to the documented object.
+    guides = _page(site, "guides")
+    assert 'href="../inference/#inference.CWMELBO"><code>CWMELBO</code></a>' in guides
+    models = _page(site, "models")
+    assert 'href="#pyro_cwm.models.Gate"><code>Gate</code></a>' in models
+
+
+def test_no_sphinx_roles_or_rest_blocks_in_rendered_pages(site):
+    found = []
+    for page in _pages(site):
+        raw = page.read_text(encoding="utf-8")
+        text = html.unescape(re.sub(r"<[^>]+>", "", raw))
+        name = page.relative_to(site)
+        found += [f"{name}: {m.group()}" for m in RENDERED_ROLE.finditer(raw)]
+        found += [f"{name}: {m.group()}" for m in ROLE_TEXT.finditer(text)]
+        found += [f"{name}: {m.group()!r}" for m in REST_BLOCK.finditer(raw)]
+    assert not found, "reST markup rendered literally:\n" + "\n".join(found)
+
+
+def test_no_sphinx_roles_in_sources():
+    # Also the docstrings no page renders (modules, private helpers): help() shows them.
+    found = []
+    for path in _sources():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if SPHINX_ROLE.search(line):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not found, "Sphinx roles (write [`Name`][full.path] or ``name``):\n" + "\n".join(found)
+
+
+def test_cross_references_in_sources_resolve(site):
+    # The strict build checks the references of rendered docstrings only; this checks every
+    # [`text`][identifier] in the sources against the documented identifiers.
+    anchors = _anchors(site)
+    unresolved = []
+    for path in _sources():
+        text = path.read_text(encoding="utf-8")
+        for match in AUTOREF.finditer(text):
+            if match.group(1) not in anchors:
+                number = text.count("\n", 0, match.start()) + 1
+                unresolved.append(f"{path.relative_to(REPO)}:{number}: {match.group(1)}")
+    assert not unresolved, "references to undocumented identifiers:\n" + "\n".join(unresolved)

@@ -20,8 +20,8 @@ Models:
 - ``seed``: the seed's own ``src.blocks.MixtureDensityNetwork``, only with
   ``--seed-mdn PATH`` pointing at a checkout of its repository (otherwise reported as not
   available). Its held-out NLL is computed from its predicted (log pi, mu, sigma) with
-  :class:`pyro_cwm.GaussianMixture`, so a loss without the ``log 2 pi`` constant does not
-  skew the comparison.
+  [`GaussianMixture`][pyro_cwm.distributions.GaussianMixture], so a loss without the
+  ``log 2 pi`` constant does not skew the comparison.
 
     python -m inference.bench.mdn                      # about 2 min on one core
     python -m inference.bench.mdn --seed-mdn ~/src/mixture-density-network

@@ -231,7 +231,7 @@ class LaplaceNUTS(NUTS):
 
 def laplace_start(model, args: tuple, seed: int, newton_steps: int = 50):
     """The MAP point in Pyro's unconstrained space (as MCMC ``initial_params``) and the
-    inverse negative Hessian there (packed as :class:`LaplaceNUTS` expects), by
+    inverse negative Hessian there (packed as ``LaplaceNUTS`` expects), by
     saddle-free Newton steps from Pyro's default start. ``(None, None)`` where Newton
     does not converge to a mode with positive definite curvature (a funnel has none)."""
     pyro.set_rng_seed(seed)

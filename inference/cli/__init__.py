@@ -2,8 +2,8 @@
 
 Each command is one module of this package with ``register(subparsers)``, which adds its
 parser and sets ``run`` as the parser's default; adding a command is adding its module
-name to ``COMMANDS``. A command signals bad input by raising :class:`CLIError`: the
-user sees one line on stderr and the exit code is 2.
+name to ``COMMANDS``. A command signals bad input by raising
+[`CLIError`][inference.cli.CLIError]: the user sees one line on stderr and the exit code is 2.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_data(args: argparse.Namespace) -> np.ndarray:
-    """The table (N, D) named by :func:`add_data_arguments`'s options (``args.seed`` seeds
+    """The table (N, D) named by ``add_data_arguments``'s options (``args.seed`` seeds
     the examples). Raises CLIError for a bad file or ``--num-points``."""
     if args.example:
         if args.num_points < 2:

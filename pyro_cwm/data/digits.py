@@ -2,7 +2,7 @@
 
 Pixels are counts 0..16. Dequantization adds ``u ~ U(0, 1)`` and divides by 17, giving a
 density on [0, 1)^64 whose likelihood lower-bounds the discrete one; the logit map of
-:class:`pyro_cwm.data.images.LogitTransform` then takes it to R^64.
+[`LogitTransform`][pyro_cwm.data.LogitTransform] then takes it to R^64.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Dequantize:
     """Pixel counts -> logit space: ``z = logit(a + (1 - 2a)(v + u) / 17)``.
 
     Calling it with a generator draws ``u ~ U(0, 1)`` (training, likelihood bounds); with
-    None it uses ``u = 1/2`` (deterministic predictions). :meth:`log_det` is
+    None it uses ``u = 1/2`` (deterministic predictions). ``log_det`` is
     ``log|dz/dv|`` per image, so that ``log p(v + u) = log p_model(z) + log_det``.
     """
 

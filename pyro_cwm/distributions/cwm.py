@@ -24,8 +24,9 @@ class ClassifierWeightedMixture(TorchDistribution):
 
     Args:
         reference: the reference distribution q, event shape (d,), batch shape ().
-        maps: a K-vectorized maps module (see :mod:`pyro_cwm.nn.maps`) with ``forward`` and
-            ``inverse``; it is held, not copied.
+        maps: a K-vectorized maps module (an instance of a class in
+            [`MAPS`][pyro_cwm.nn.MAPS]) with ``forward`` and ``inverse``; it is held, not
+            copied.
         classifier: a module ``(z, context) -> log-weights (..., K)``.
         context: optional context, shape (*batch_shape, context_dim), required when the maps
             or the classifier are conditional.
@@ -38,7 +39,8 @@ class ClassifierWeightedMixture(TorchDistribution):
     Note:
         The component choice is discrete, so ``has_rsample`` is False: a reparameterized
         sample cannot carry the gradient of the classifier. The Rao-Blackwellized ELBO
-        sums the choice out using :meth:`rsample_components`.
+        sums the choice out using
+        [`rsample_components`][pyro_cwm.distributions.ClassifierWeightedMixture.rsample_components].
     """
 
     support = constraints.real_vector

@@ -69,8 +69,8 @@ def gaussian_component_log_probs(
     Args:
         value: points, shape (..., d), broadcastable against the batch shape.
         loc: component means (*batch, K, d).
-        factor: precision factor from :func:`precision_factor`, of the family's shape.
-        covariance_type: one of :data:`COVARIANCE_TYPES`.
+        factor: precision factor from ``precision_factor``, of the family's shape.
+        covariance_type: one of [`COVARIANCE_TYPES`][pyro_cwm.distributions.COVARIANCE_TYPES].
     """
     d = loc.shape[-1]
     diff = value.unsqueeze(-2) - loc  # (..., K, d)
@@ -187,7 +187,7 @@ class GaussianMixture(TorchDistribution):
 
     @property
     def precision_factor(self) -> Tensor:
-        """P with ``P P^T = Sigma^{-1}``, of the family's shape (see :func:`precision_factor`)."""
+        """P with ``P P^T = Sigma^{-1}``, of the family's shape: ``L^{-T}`` or ``1/s``."""
         return precision_factor(self.scale, self.covariance_type)
 
     @property
@@ -253,7 +253,7 @@ class GaussianMixture(TorchDistribution):
         return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def sample_with_components(self, sample_shape=Size()) -> tuple[Tensor, Tensor]:
-        """Draw ``(x, k)``: points (*sample, *batch, d) and their components (*sample, *batch)."""
+        """Draw ``(x, k)``: points ``(*sample, *batch, d)``, components ``(*sample, *batch)``."""
         with torch.no_grad():
             k = self._categorical.sample(sample_shape)
             shape = k.shape

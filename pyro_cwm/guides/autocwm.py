@@ -59,41 +59,42 @@ class _GuidePosterior(ClassifierWeightedMixture):
 class AutoCWM(AutoContinuous):
     """A Classifier Weighted Mixture over all latent sites, packed into one vector.
 
-    Like :class:`~pyro.infer.autoguide.AutoMultivariateNormal` it packs the model's latent
-    sites into one unconstrained vector; the posterior of that vector is a
-    :class:`~pyro_cwm.ClassifierWeightedMixture` with ``num_components`` components.
-    Fit it with :class:`inference.CWMELBO`, which sums the component choice out exactly;
-    score-function ELBOs such as ``Trace_ELBO`` raise a TypeError that says so (Pyro's
-    estimator would be biased for this auxiliary, non-reparameterized site).
+    Like ``AutoMultivariateNormal`` it packs the model's latent sites into one unconstrained
+    vector; the posterior of that vector is a
+    [`ClassifierWeightedMixture`][pyro_cwm.distributions.ClassifierWeightedMixture] with
+    ``num_components`` components. Fit it with [`CWMELBO`][inference.CWMELBO], which sums
+    the component choice out exactly; score-function ELBOs such as ``Trace_ELBO`` raise a
+    TypeError that says so (Pyro's estimator would be biased for this auxiliary,
+    non-reparameterized site).
 
-    Initialization spreads the components so that they do not start on one mode (reverse
-    KL cannot move a component to a mode it does not start near, and one that loses its
-    weight stops moving). ``num_starts`` points (default 8 K) are drawn, one by
-    ``init_loc_fn`` and the rest by ``spread_init_fn`` (default: from the prior, see
-    :func:`init_to_prior_sample`); each climbs the model's log density for ``start_steps``
-    Adam steps (one vectorized run, step size ``start_lr``); the components start at K of
-    them chosen far apart among those within ``start_threshold`` nats of the best; the
-    weights start uniform.
+    Initialization spreads the components so that they do not start on one mode (reverse KL
+    cannot move a component to a mode it does not start near, and one that loses its weight
+    stops moving). ``num_starts`` points (default 8 K) are drawn, one by ``init_loc_fn`` and
+    the rest by ``spread_init_fn`` (default: from the prior, see
+    [`init_to_prior_sample`][pyro_cwm.guides.autocwm.init_to_prior_sample]); each climbs the
+    model's log density for ``start_steps`` Adam steps (one vectorized run, step size
+    ``start_lr``); the components start at K of them chosen far apart among those within
+    ``start_threshold`` nats of the best; the weights start uniform.
 
     With ``laplace=True`` (default) the start also uses the curvature of the log density
-    (exact Hessians, one vectorized double-backward run; models of up to
-    ``laplace_max_dim`` latent dimensions): up to ``newton_steps`` saddle-free Newton
-    steps refine the best start, kept if they reach a mode (Adam's climb stalls in
-    narrow correlated ridges such as a regression on uncentered covariates); the maps are
-    then preconditioned by a fixed affine map from the Laplace approximation there
-    (:func:`~pyro_cwm.guides.laplace.laplace_preconditioner`: its principal axes get unit
-    width, none narrower than ``laplace_floor``), so that Adam's steps suit every
-    direction, and each component starts with the diagonal scales of the Laplace
-    approximation at its own start (``init_scale`` where the curvature is not positive).
-    The maps' parameters then live in the preconditioned coordinates; the posterior
-    (:meth:`get_posterior`) is unchanged in meaning. With ``laplace=False`` every
-    component has scale ``init_scale`` and the preconditioner is the identity.
+    (exact Hessians, one vectorized double-backward run; models of up to ``laplace_max_dim``
+    latent dimensions): up to ``newton_steps`` saddle-free Newton steps refine the best
+    start, kept if they reach a mode (Adam's climb stalls in narrow correlated ridges such
+    as a regression on uncentered covariates); the maps are then preconditioned by a fixed
+    affine map from the Laplace approximation there (``laplace_preconditioner``: its
+    principal axes get unit width, none narrower than ``laplace_floor``), so that Adam's
+    steps suit every direction, and each component starts with the diagonal scales of the
+    Laplace approximation at its own start (``init_scale`` where the curvature is not
+    positive). The maps' parameters then live in the preconditioned coordinates; the
+    posterior ([`get_posterior`][pyro_cwm.guides.AutoCWM.get_posterior]) is unchanged in
+    meaning. With ``laplace=False`` every component has scale ``init_scale`` and the
+    preconditioner is the identity.
 
     Args:
         model: a Pyro model.
         num_components: number of components K.
         hidden_dims: hidden widths of the classifier.
-        map: ``"location_scale"``, ``"affine"`` or ``"flow"`` (see :class:`pyro_cwm.CWM`).
+        map: ``"location_scale"``, ``"affine"`` or ``"flow"`` (see [`CWM`][pyro_cwm.nn.CWM]).
         init_loc_fn: per-site initialization of component 0.
         spread_init_fn: per-site initialization of components 1..K-1.
         init_scale: initial scale of every component (> 0).
@@ -117,7 +118,7 @@ class AutoCWM(AutoContinuous):
             first call) a latent site inside a subsampled plate, which a joint guide
             cannot cover: use an
             ``AutoGuideList`` with AutoCWM on the global sites and
-            :class:`~pyro.infer.autoguide.AutoNormal` on the local ones.
+            ``AutoNormal`` on the local ones.
     """
 
     def __init__(
@@ -345,6 +346,9 @@ class AutoCWM(AutoContinuous):
 
     @torch.no_grad()
     def median(self, *args, num_samples: int = 20000, seed: int = 0, **kwargs):
-        """Marginal posterior medians of each latent site (see :meth:`quantiles`)."""
+        """Marginal posterior medians of each latent site.
+
+        See [`quantiles`][pyro_cwm.guides.AutoCWM.quantiles].
+        """
         medians = self.quantiles([0.5], num_samples=num_samples, seed=seed)
         return {name: value[0] for name, value in medians.items()}

@@ -142,7 +142,9 @@ class BayesianGMM:
         """The prior of each global site (in ``dtype``, on ``device``), batched over components.
 
         ``weights``: Dirichlet, event (K,); ``locs``, ``scales``: batch (K,), event (d,);
-        ``corr_cholesky`` (only if :attr:`has_correlations`): batch (K,), event (d, d).
+        ``corr_cholesky`` (only if
+        [`has_correlations`][pyro_cwm.models.BayesianGMM.has_correlations]): batch (K,),
+        event (d, d).
         """
         dtype = dtype or torch.get_default_dtype()
         options = {"dtype": dtype, "device": device}

@@ -2,25 +2,27 @@
 
 Every expert family is one module holding all K experts, batched over a leading expert
 dimension, and answers the questions a variational EM loop asks of it (see
-:class:`Experts`): the expected log-likelihood of every point under every expert, the
-update of the experts' parameters from responsibility-weighted data (the "E-step" of the
-parameters), the update of their hyperparameters (the M-step), and their term of the
-lower bound. Two families:
+[`Experts`][pyro_cwm.models.Experts]): the expected log-likelihood of every point under
+every expert, the update of the experts' parameters from responsibility-weighted data (the
+"E-step" of the parameters), the update of their hyperparameters (the M-step), and their
+term of the lower bound. Two families:
 
-- :class:`BayesianLinearExperts`: ``y = x^T w_k + eps``, ``eps ~ N(0, 1/beta_k)``, prior
-  ``w_k ~ N(w0_k, A_k)``. With responsibilities ``r_nk`` the posterior is Gaussian in
-  closed form::
+- [`BayesianLinearExperts`][pyro_cwm.models.BayesianLinearExperts]: ``y = x^T w_k + eps``,
+  ``eps ~ N(0, 1/beta_k)``, prior ``w_k ~ N(w0_k, A_k)``. With responsibilities ``r_nk`` the
+  posterior is Gaussian in closed form::
 
       B_k^{-1} = A_k^{-1} + beta_k sum_n r_nk x_n x_n^T
       m_k      = B_k (A_k^{-1} w0_k + beta_k sum_n r_nk y_n x_n)
 
   and ``w0_k``, ``A_k``, ``beta_k`` are updated by type-II maximum likelihood when asked.
-- :class:`ModuleExperts`: any K torch regression modules ``f_k(x)`` with Gaussian noise,
-  point-estimated by a weighted maximum-likelihood M-step (gradient steps).
+- [`ModuleExperts`][pyro_cwm.models.ModuleExperts]: any K torch regression modules
+  ``f_k(x)`` with Gaussian noise, point-estimated by a weighted maximum-likelihood M-step
+  (gradient steps).
 
 Regularizers couple the prior means ``w0_1..w0_K`` of linear experts in their M-step:
-:class:`PullPriorMeans` (a quadratic pull of the prior means towards each other) and
-:class:`PriorMeanLink` (a user-given differentiable log-link ``R(w0)`` maximized).
+[`PullPriorMeans`][pyro_cwm.models.PullPriorMeans] (a quadratic pull of the prior means
+towards each other) and [`PriorMeanLink`][pyro_cwm.models.PriorMeanLink] (a user-given
+differentiable log-link ``R(w0)`` maximized).
 """
 
 from __future__ import annotations
@@ -446,10 +448,11 @@ class ModuleExperts(Experts):
 
 
 class PriorMeanRegularizer(abc.ABC):
-    """Couples the prior means ``w0`` (K, d) of :class:`BayesianLinearExperts` in the M-step.
+    """Couples the prior means ``w0`` (K, d) of Bayesian linear experts in the M-step.
 
-    The M-step maximizes ``sum_k E_q[log N(w_k | w0_k, A_k)] + penalty(w0)`` over ``w0``;
-    ``penalty`` is added to the EM lower bound.
+    The M-step of [`BayesianLinearExperts`][pyro_cwm.models.BayesianLinearExperts] maximizes
+    ``sum_k E_q[log N(w_k | w0_k, A_k)] + penalty(w0)`` over ``w0``; ``penalty`` is added to
+    the EM lower bound.
     """
 
     @abc.abstractmethod

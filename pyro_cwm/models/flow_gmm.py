@@ -11,8 +11,8 @@ A flow ``f`` (zuko) maps data to a latent space where class ``y`` is the Gaussia
 The class means are fixed, not learned, at ``mean_scale`` times orthonormal directions
 (every pair ``mean_scale * sqrt(2)`` apart), so the classes cannot collapse onto each other
 (what sank the seed's version). The log-determinant is exact (coupling/autoregressive
-transforms have triangular Jacobians). :meth:`FlowGMM.model` is the same model in Pyro,
-with the label observed or enumerated.
+transforms have triangular Jacobians). [`FlowGMM.model`][pyro_cwm.models.FlowGMM.model] is the same
+model in Pyro, with the label observed or enumerated.
 """
 
 from __future__ import annotations

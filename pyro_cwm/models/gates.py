@@ -1,15 +1,19 @@
 """Gates of a mixture of experts: the weights ``pi_k(x)`` of the K experts.
 
-A gate answers what a variational EM loop asks of it (see :class:`Gate`): the expected log
-weights ``E_q[log pi_nk]`` of the training points, its update from the responsibilities
-``r`` (N, K), its term of the lower bound, and the weights it predicts for new points.
+A gate answers what a variational EM loop asks of it (see [`Gate`][pyro_cwm.models.Gate]): the
+expected log weights ``E_q[log pi_nk]`` of the training points, its update from the
+responsibilities ``r`` (N, K), its term of the lower bound, and the weights it predicts
+for new points.
 
-- :class:`DirichletGate`: constant weights ``pi ~ Dir(mu)`` with posterior
-  ``Dir(mu + sum_n r_n)`` -- a mixture of models (the seed's ``HyperModelDirichlet``).
-- :class:`SoftmaxGate`: ``pi(x) = softmax(f(x))`` with an MLP ``f`` -- a mixture of
-  experts (the seed's ``HyperExpertNN``), fitted by maximizing ``sum_nk r_nk log pi_k(x_n)``.
-- :class:`PerSampleDirichletGate`: one ``pi_n ~ Dir(mu)`` per point, posterior
-  ``Dir(mu + r_n)`` -- with ``mu < 1`` a sparse gate (the seed's ``HyperModelGateSparsed``).
+- [`DirichletGate`][pyro_cwm.models.DirichletGate]: constant weights ``pi ~ Dir(mu)`` with
+  posterior ``Dir(mu + sum_n r_n)`` -- a mixture of models (the seed's
+  ``HyperModelDirichlet``).
+- [`SoftmaxGate`][pyro_cwm.models.SoftmaxGate]: ``pi(x) = softmax(f(x))`` with an MLP ``f``
+  -- a mixture of experts (the seed's ``HyperExpertNN``), fitted by maximizing
+  ``sum_nk r_nk log pi_k(x_n)``.
+- [`PerSampleDirichletGate`][pyro_cwm.models.PerSampleDirichletGate]: one ``pi_n ~ Dir(mu)``
+  per point, posterior ``Dir(mu + r_n)`` -- with ``mu < 1`` a sparse gate (the seed's
+  ``HyperModelGateSparsed``).
 """
 
 from __future__ import annotations
@@ -204,12 +208,13 @@ class SoftmaxGate(Gate):
 class PerSampleDirichletGate(Gate):
     """One weight vector per point, ``pi_n ~ Dir(mu)``, posterior ``Dir(mu + r_n)``.
 
-    ``E[log pi_nk] = digamma(mu_k + r_nk) - digamma(sum mu + 1)``; with ``mu < 1`` the
-    gate prefers sparse weights (the seed's sparse gate). The training points' posteriors
-    live in the buffer ``concentration`` (N, K), so :meth:`expected_log_weights` accepts
-    the training points only. For new points, whose ``pi`` has only the prior, the predicted
-    weights are the average posterior mean over the training points (an empirical estimate
-    of ``E[pi]``). In the Pyro model: site ``"gate_weights"`` (N, K) in the data plate.
+    ``E[log pi_nk] = digamma(mu_k + r_nk) - digamma(sum mu + 1)``; with ``mu < 1`` the gate
+    prefers sparse weights (the seed's sparse gate). The training points' posteriors live in
+    the buffer ``concentration`` (N, K), so
+    [`expected_log_weights`][pyro_cwm.models.Gate.expected_log_weights] accepts the training
+    points only. For new points, whose ``pi`` has only the prior, the predicted weights are
+    the average posterior mean over the training points (an empirical estimate of
+    ``E[pi]``). In the Pyro model: site ``"gate_weights"`` (N, K) in the data plate.
 
     Args:
         num_experts: K >= 1.

@@ -24,12 +24,13 @@ diagonal types; for ``"full"`` up to rounding relative to the largest eigenvalue
 log-scales are clamped at ``MAX_LOG_SCALE``, so nothing overflows for extreme inputs.
 
 Calling the module returns the distribution (the lazy-distribution pattern of
-:class:`pyro_cwm.CWM` and zuko), so ``inference.fit_density(mdn, y, context=x)`` trains it.
+[`CWM`][pyro_cwm.nn.CWM] and zuko), so ``inference.fit_density(mdn, y, context=x)`` trains it.
 ``mdn.model(x, y)`` is the Pyro model with the MDN as likelihood; after
-:meth:`MixtureDensityNetwork.set_weight_prior` the network weights are latent too (a
-Bayesian MDN, fitted with SVI and any autoguide). With ``head="cwm"`` the trunk's features
-are the context of a conditional :class:`pyro_cwm.CWM` instead of the Gaussian mixture
-parameters: the same calls return a Classifier Weighted Mixture over y.
+[`MixtureDensityNetwork.set_weight_prior`][pyro_cwm.models.MixtureDensityNetwork.set_weight_prior]
+the network weights are latent too (a Bayesian MDN, fitted with SVI and any autoguide).
+With ``head="cwm"`` the trunk's features are the context of a conditional
+[`CWM`][pyro_cwm.nn.CWM] instead of the Gaussian mixture parameters: the same calls return a
+Classifier Weighted Mixture over y.
 """
 
 from __future__ import annotations
@@ -106,17 +107,17 @@ class MixtureDensityNetwork(PyroModule):
         min_scale: the floor s >= 0: every component covariance is
             ``S S^T + s^2 I``, so no variance falls below ``s^2`` (learned types only).
         head: ``"gaussian"`` (the MDN) or ``"cwm"``: the trunk's features are the context
-            of a conditional :class:`pyro_cwm.CWM` with K components, whose maps are
+            of a conditional [`CWM`][pyro_cwm.nn.CWM] with K components, whose maps are
             ``"location_scale"`` for ``noise_type="diagonal"`` and ``"affine"`` for
             ``"full"`` (other types raise).
-        cwm_options: keyword arguments of :class:`pyro_cwm.CWM` for the ``"cwm"`` head
+        cwm_options: keyword arguments of [`CWM`][pyro_cwm.nn.CWM] for the ``"cwm"`` head
             (``hidden_dims``, ``map``, ``map_options``).
         activation: the trunk's activation module class.
 
-    Shapes: ``mdn(x)`` with x of shape (*batch, input_dim) is a distribution with batch
+    Shapes: ``mdn(x)`` with x of shape ``(*batch, input_dim)`` is a distribution with batch
     shape ``batch`` and event shape (output_dim,); ``log_prob(y, x)`` has shape
     ``broadcast(y.shape[:-1], x.shape[:-1])``; ``sample(x, sample_shape)`` has shape
-    (*sample_shape, *batch, output_dim).
+    ``(*sample_shape, *batch, output_dim)``.
 
     Raises:
         TypeError, ValueError: for dimensions or K below 1, an unknown ``noise_type`` or
@@ -229,7 +230,7 @@ class MixtureDensityNetwork(PyroModule):
         """``sqrt(exp(2 raw) + s^2)``: a standard deviation whose square is >= s^2.
 
         ``raw`` is a log-scale (better conditioned for gradient descent than a softplus),
-        clamped at :data:`MAX_LOG_SCALE` so that no input overflows it.
+        clamped at ``MAX_LOG_SCALE`` so that no input overflows it.
         """
         floor = raw.new_tensor(2 * self._log_min_scale)
         log_var = torch.logaddexp(2 * raw.clamp(max=MAX_LOG_SCALE), floor)
@@ -238,7 +239,7 @@ class MixtureDensityNetwork(PyroModule):
     def _full_scale(self, raw: Tensor) -> Tensor:
         """Cholesky factor of ``L L^T + s^2 I`` from raw (..., K, d(d+1)/2) entries of L.
 
-        The diagonal of L is ``exp(raw)`` (clamped as in :meth:`_floored_scale`), the
+        The diagonal of L is ``exp(raw)`` (clamped as in ``_floored_scale``), the
         entries below it are ``raw`` itself.
         """
         d = self.output_dim
@@ -338,7 +339,7 @@ class MixtureDensityNetwork(PyroModule):
         """Draw y ~ p(y | x): shape (*sample_shape, *x.shape[:-1], output_dim), no gradient.
 
         Raises:
-            TypeError, ValueError: as :meth:`forward`.
+            TypeError, ValueError: as [`forward`][pyro_cwm.models.MixtureDensityNetwork.forward].
         """
         with torch.no_grad():
             return self(x).sample(Size(sample_shape))
@@ -346,7 +347,8 @@ class MixtureDensityNetwork(PyroModule):
     def model(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The Pyro model ``y_n ~ p(y | x_n)`` for N rows ``x`` (N, input_dim): site ``"y"``.
 
-        With :meth:`set_weight_prior` the weights are sampled first (a Bayesian MDN):
+        With [`set_weight_prior`][pyro_cwm.models.MixtureDensityNetwork.set_weight_prior]
+        the weights are sampled first (a Bayesian MDN):
         ``SVI(mdn.model, AutoNormal(mdn.model), ...)`` approximates their posterior and
         ``Predictive(mdn.model, guide=guide, num_samples=S)(x)`` samples the predictive.
 
@@ -371,9 +373,10 @@ class MixtureDensityNetwork(PyroModule):
     def set_weight_prior(self, scale: float = 1.0) -> MixtureDensityNetwork:
         """Make every network weight latent with prior N(0, scale^2): a Bayesian MDN.
 
-        The parameters become :class:`pyro.nn.PyroSample` sites named by their module
-        path (``"trunk.0.weight"``, ``"head.bias"``, ...), drawn anew on every call of the
-        module; fit them with SVI on :meth:`model`. Returns the module.
+        The parameters become ``pyro.nn.PyroSample`` sites named by their module path
+        (``"trunk.0.weight"``, ``"head.bias"``, ...), drawn anew on every call of the
+        module; fit them with SVI on [`model`][pyro_cwm.models.MixtureDensityNetwork.model].
+        Returns the module.
 
         Raises:
             ValueError: for a non-positive ``scale``, the ``"cwm"`` head (its distribution

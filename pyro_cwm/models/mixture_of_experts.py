@@ -2,17 +2,19 @@
 
     p(y | x) = sum_k pi_k(x) p(y | x, expert k)
 
-The experts (:mod:`pyro_cwm.models.experts`) are Bayesian linear regressions by default;
-the gate (:mod:`pyro_cwm.models.gates`) is a softmax network of x (a mixture of experts),
-constant Dirichlet weights (a mixture of models, :class:`MixtureOfModels`) or a per-point
-Dirichlet. The variational EM lower bound, with ``q(z_n) = r_n``::
+The experts (``pyro_cwm.models.experts``) are Bayesian linear regressions by default; the
+gate (``pyro_cwm.models.gates``) is a softmax network of x (a mixture of experts), constant
+Dirichlet weights (a mixture of models,
+[`MixtureOfModels`][pyro_cwm.models.MixtureOfModels]) or a per-point Dirichlet. The
+variational EM lower bound, with ``q(z_n) = r_n``::
 
     L = sum_nk r_nk (E_q[log pi_nk] + E_q[log p(y_n | x_n, w_k)]) - sum_nk r_nk log r_nk
         - sum_k KL(q(w_k) || p(w_k)) + gate term + regularizer penalty
 
-is maximized by :func:`inference.em.fit_experts_em` (what :meth:`MixtureOfExperts.fit`
-calls); :meth:`MixtureOfExperts.model` writes the same model for Pyro, with the assignment
-enumerated so that ``TraceEnum_ELBO`` and ``NUTS`` sum it out.
+is maximized by [`fit_experts_em`][inference.fit_experts_em] (what
+[`MixtureOfExperts.fit`][pyro_cwm.models.MixtureOfExperts.fit] calls);
+[`MixtureOfExperts.model`][pyro_cwm.models.MixtureOfExperts.model] writes the same model for
+Pyro, with the assignment enumerated so that ``TraceEnum_ELBO`` and ``NUTS`` sum it out.
 """
 
 from __future__ import annotations
@@ -94,20 +96,23 @@ def check_regression_data(X, Y=None, input_dim: int | None = None) -> tuple[Tens
 class MixtureOfExperts(nn.Module):
     """A mixture of K regression experts with a gate, fitted by variational EM.
 
-    ``p(y | x) = sum_k pi_k(x) N(y | x^T w_k, 1/beta_k)`` with ``w_k ~ N(w0_k, A_k)`` for the
-    default Bayesian linear experts. Use :meth:`fit`, then :meth:`predict`,
-    :meth:`predict_distribution`, :meth:`score`; :meth:`model` is the Pyro model.
+    ``p(y | x) = sum_k pi_k(x) N(y | x^T w_k, 1/beta_k)`` with ``w_k ~ N(w0_k, A_k)`` for
+    the default Bayesian linear experts. Use [`fit`][pyro_cwm.models.MixtureOfExperts.fit],
+    then [`predict`][pyro_cwm.models.MixtureOfExperts.predict],
+    [`predict_distribution`][pyro_cwm.models.MixtureOfExperts.predict_distribution],
+    [`score`][pyro_cwm.models.MixtureOfExperts.score];
+    [`model`][pyro_cwm.models.MixtureOfExperts.model] is the Pyro model.
 
     Args:
         num_experts: K >= 1.
         input_dim: d >= 1, the number of features of x.
         gate: ``"softmax"`` (a network of x: mixture of experts), ``"dirichlet"`` (constant
             weights: mixture of models), ``"per_sample"`` (a Dirichlet per point) or a
-            :class:`~pyro_cwm.models.gates.Gate`.
-        experts: an :class:`~pyro_cwm.models.experts.Experts` module of K experts; default
-            :class:`~pyro_cwm.models.experts.BayesianLinearExperts` built from
+            [`Gate`][pyro_cwm.models.Gate].
+        experts: an [`Experts`][pyro_cwm.models.Experts] module of K experts; default
+            [`BayesianLinearExperts`][pyro_cwm.models.BayesianLinearExperts] built from
             ``prior_cov``, ``noise_precision`` and ``optimize``.
-        regularizer: a :class:`~pyro_cwm.models.experts.PriorMeanRegularizer` coupling the
+        regularizer: a [`PriorMeanRegularizer`][pyro_cwm.models.PriorMeanRegularizer] coupling the
             linear experts' prior means (its M-step then updates the prior means).
         hidden_dims: hidden widths of the softmax gate.
         concentration: the Dirichlet gates' ``mu`` (default 1 for ``"dirichlet"``, 0.5 for
@@ -125,9 +130,9 @@ class MixtureOfExperts(nn.Module):
         seed: seed of the random starts (``None``: torch's global RNG).
         progress: show a tqdm bar.
 
-    Attributes after :meth:`fit`: ``history_`` (dict with lists ``"lower_bound"`` and
-    ``"log_likelihood"``, per point and iteration, of the best start), ``n_iter_``,
-    ``converged_``, ``lower_bound_``.
+    Attributes after [`fit`][pyro_cwm.models.MixtureOfExperts.fit]: ``history_`` (dict with
+    lists ``"lower_bound"`` and ``"log_likelihood"``, per point and iteration, of the best
+    start), ``n_iter_``, ``converged_``, ``lower_bound_``.
 
     Raises:
         TypeError, ValueError: for an argument of the wrong type or out of range.
@@ -208,7 +213,10 @@ class MixtureOfExperts(nn.Module):
         return next(self.experts.parameters())
 
     def check_data(self, X, Y=None) -> tuple[Tensor, Tensor | None]:
-        """:func:`check_regression_data` with this model's ``input_dim``."""
+        """Check ``X`` and ``Y`` against this model's ``input_dim``.
+
+        As [`check_regression_data`][pyro_cwm.models.mixture_of_experts.check_regression_data].
+        """
         return check_regression_data(X, Y, self.input_dim)
 
     # ------------------------------------------------------------------ EM pieces
@@ -266,11 +274,12 @@ class MixtureOfExperts(nn.Module):
     # ------------------------------------------------------------------ estimator
 
     def fit(self, X, Y) -> MixtureOfExperts:
-        """Fit by variational EM (:func:`inference.em.fit_experts_em`); returns ``self``.
+        """Fit by variational EM ([`fit_experts_em`][inference.fit_experts_em]); returns ``self``.
 
         Raises:
-            TypeError, ValueError: for bad data (see :func:`check_regression_data`) or
-                ``num_experts`` larger than the number of points.
+            TypeError, ValueError: for bad data (see
+                [`check_regression_data`][pyro_cwm.models.mixture_of_experts.check_regression_data])
+                or ``num_experts`` larger than the number of points.
         """
         # pyro_cwm does not depend on inference at import time; the loop lives there.
         from inference.em import fit_experts_em
@@ -337,13 +346,16 @@ class MixtureOfExperts(nn.Module):
 
 
 class MixtureOfModels(MixtureOfExperts):
-    """A mixture of models: :class:`MixtureOfExperts` with constant weights ``pi ~ Dir(mu)``.
+    """A mixture of models: a mixture of experts with constant weights ``pi ~ Dir(mu)``.
+
+    That is, a [`MixtureOfExperts`][pyro_cwm.models.MixtureOfExperts] with a Dirichlet gate.
 
     Args:
         num_models: K >= 1.
         input_dim: d >= 1.
         concentration: ``mu`` > 0 of the Dirichlet prior.
-        **options (Any): the other keyword arguments of :class:`MixtureOfExperts` (not ``gate``).
+        **options (Any): the other keyword arguments of
+            [`MixtureOfExperts`][pyro_cwm.models.MixtureOfExperts] (not ``gate``).
     """
 
     def __init__(

@@ -30,10 +30,12 @@ class CWM(nn.Module):
         map: ``"location_scale"`` (diagonal), ``"affine"`` (lower-triangular scale) or
             ``"flow"`` (a conditional spline flow shared by the K maps).
         context_dim: dimension of the context; 0 for an unconditional CWM.
-        map_options: keyword arguments of the maps family (see :mod:`pyro_cwm.nn.maps`).
+        map_options: keyword arguments of the maps family (the class that
+            [`MAPS`][pyro_cwm.nn.MAPS] holds under ``map``).
 
     Initially the classifier is constant (uniform weights) and the maps are the identity;
-    :meth:`set_gaussian_mixture` (used by EM pretraining) sets a diagonal Gaussian mixture.
+    [`set_gaussian_mixture`][pyro_cwm.nn.CWM.set_gaussian_mixture] (used by EM pretraining)
+    sets a diagonal Gaussian mixture.
 
     Raises:
         ValueError, TypeError: for a non-positive dimension, K < 1 or an unknown map.

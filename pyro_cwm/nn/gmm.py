@@ -1,11 +1,12 @@
 """``GMM``: a trainable Gaussian mixture module, for gradient-descent fitting.
 
 The module owns unconstrained parameters and calling it returns a
-:class:`pyro_cwm.GaussianMixture` (the lazy-distribution pattern of :class:`CWM` and
-zuko), so a mixture can sit at the end of a larger network and be fitted by Adam on the
-negative log-likelihood (``inference.fit_density(gmm, data)``), as the seed did. For a
-stand-alone mixture EM is faster and exact: ``inference.GaussianMixtureEM``; its fit can
-be loaded with :meth:`GMM.set_parameters`.
+[`GaussianMixture`][pyro_cwm.distributions.GaussianMixture] (the lazy-distribution pattern of
+[`CWM`][pyro_cwm.nn.CWM] and zuko), so a mixture can sit at the end of a larger network and be
+fitted by Adam on the negative log-likelihood (``inference.fit_density(gmm, data)``), as
+the seed did. For a stand-alone mixture EM is faster and exact:
+``inference.GaussianMixtureEM``; its fit can be loaded with
+[`GMM.set_parameters`][pyro_cwm.nn.GMM.set_parameters].
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class GMM(nn.Module):
     The parameters start at means N(0, I), unit scales and equal weights. Gradient descent
     on a mixture finds local optima, so start from data: a k-means start is
     ``GaussianMixtureEM(K, covariance_type=..., max_iter=0).fit(data).parameters()``,
-    loaded with :meth:`set_parameters`.
+    loaded with [`set_parameters`][pyro_cwm.nn.GMM.set_parameters].
 
     Raises:
         ValueError: for d or K below 1, an unknown family or a non-positive scale.
@@ -75,7 +76,10 @@ class GMM(nn.Module):
         return transform_to(self._constraint()).inv(scale)
 
     def component_scale(self) -> Tensor:
-        """The ``scale`` argument of :class:`GaussianMixture` (Cholesky factor or sds)."""
+        """The ``scale`` argument of the distribution (Cholesky factor or sds).
+
+        See [`GaussianMixture`][pyro_cwm.distributions.GaussianMixture].
+        """
         if self.covariance_type == "constant":
             return self.scale
         return transform_to(self._constraint())(self.raw_scale)

@@ -1,21 +1,22 @@
 r"""The Gaussian mixture distribution, with the covariance families of scikit-learn.
 
-:math:`p(x) = \sum_k \pi_k\, \mathcal N(x; \mu_k, \Sigma_k)`, with :math:`\Sigma_k` by family:
+``p(x) = sum_k pi_k N(x; mu_k, Sigma_k)``, with ``Sigma_k`` by family:
 
-=============  ==========================================  ==============================
-family         covariance                                  ``scale`` argument
-=============  ==========================================  ==============================
-``full``       :math:`\Sigma_k = L_k L_k^\top`             ``(..., K, d, d)`` lower Cholesky
-``tied``       :math:`\Sigma_k = L L^\top` for every k     ``(..., d, d)`` lower Cholesky
-``diag``       :math:`\mathrm{diag}(s_k^2)`                ``(..., K, d)`` standard deviations
-``spherical``  :math:`s_k^2 I`                             ``(..., K)`` standard deviations
-``constant``   :math:`s^2 I`, one fixed value              ``(...)`` standard deviation
-=============  ==========================================  ==============================
+| family        | covariance                      | ``scale`` argument                  |
+| ------------- | ------------------------------- | ----------------------------------- |
+| ``full``      | ``Sigma_k = L_k L_k^T``         | ``(..., K, d, d)`` lower Cholesky   |
+| ``tied``      | ``Sigma_k = L L^T`` for every k | ``(..., d, d)`` lower Cholesky      |
+| ``diag``      | ``diag(s_k^2)``                 | ``(..., K, d)`` standard deviations |
+| ``spherical`` | ``s_k^2 I``                     | ``(..., K)`` standard deviations    |
+| ``constant``  | ``s^2 I``, one fixed value      | ``(...)`` standard deviation        |
 
-The densities go through the precision factor :math:`P = L^{-\top}`
-(:math:`\Sigma^{-1} = P P^\top`): :math:`\log\mathcal N = -\tfrac d2 \log 2\pi
-+ \log|\det P| - \tfrac12 \|(x-\mu)^\top P\|^2`, computed on differences so that it stays
-accurate in float32 far from the origin.
+The densities go through the precision factor ``P = L^{-T}`` (``Sigma^{-1} = P P^T``):
+
+```text
+log N(x; mu, Sigma) = -d/2 log(2 pi) + log|det P| - 1/2 ||(x - mu)^T P||^2,
+```
+
+computed on differences so that it stays accurate in float32 far from the origin.
 """
 
 from __future__ import annotations

@@ -45,7 +45,9 @@ def check_covariance_type(covariance_type: str) -> str:
 def precision_factor(scale: Tensor, covariance_type: str) -> Tensor:
     """The factor P with ``P P^T = Sigma^{-1}``: ``L^{-T}`` for full/tied, ``1/s`` otherwise.
 
-    ``scale`` has the family's shape (see the module docstring); the result has the same.
+    ``scale`` has the family's shape (see
+    [the module documentation][pyro_cwm.distributions.gaussian_mixture]); the result has the
+    same.
     """
     if covariance_type in ("full", "tied"):
         eye = torch.eye(scale.shape[-1], dtype=scale.dtype, device=scale.device)
@@ -97,7 +99,8 @@ class GaussianMixture(TorchDistribution):
 
     Args:
         loc: component means, shape (*batch, K, d).
-        scale: the covariance parameter of the family, see the module docstring: a lower
+        scale: the covariance parameter of the family (see
+            [the module documentation][pyro_cwm.distributions.gaussian_mixture]): a lower
             Cholesky factor (full ``(*batch, K, d, d)``, tied ``(*batch, d, d)``) or
             standard deviations (diag ``(*batch, K, d)``, spherical ``(*batch, K)``,
             constant ``(*batch,)`` or a scalar).

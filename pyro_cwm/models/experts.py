@@ -138,7 +138,8 @@ class BayesianLinearExperts(Experts):
     """K Bayesian linear regression experts ``y = x^T w_k + N(0, 1/beta_k)``.
 
     Prior ``w_k ~ N(w0_k, A_k)``; the variational posterior ``q(w_k) = N(m_k, B_k)`` is the
-    closed-form Gaussian posterior from the responsibility-weighted data (module docstring).
+    closed-form Gaussian posterior from the responsibility-weighted data (see
+    [the module documentation][pyro_cwm.models.experts]).
     No intercept is added: append a column of ones to ``X`` for one.
 
     Args:

@@ -100,7 +100,8 @@ class MixtureDensityNetwork(PyroModule):
         num_components: number of mixture components K.
         hidden_dims: widths of the trunk's hidden layers; ``()``: the head sees x itself.
         noise_type: ``"full"``, ``"diagonal"``, ``"isotropic"``,
-            ``"isotropic_across_components"`` or ``"fixed"`` (see the module docstring).
+            ``"isotropic_across_components"`` or ``"fixed"`` (see
+            [the module documentation][pyro_cwm.models.mdn]).
         fixed_scale: the standard deviation c of the ``"fixed"`` type (required there,
             not allowed otherwise).
         min_scale: the floor s >= 0: every component covariance is

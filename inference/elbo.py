@@ -2,8 +2,9 @@ r"""The Rao-Blackwellized ELBO of a CWM guide.
 
 For a guide q = CWM over the unconstrained latent vector u, with maps T_k and classifier w,
 
-.. math::
-    \mathrm{ELBO} = E_{z \sim N(0, I)} \sum_k w_k(z) \big(\log p(T_k z) - \log q(T_k z)\big),
+```text
+ELBO = E_{z ~ N(0, I)} sum_k w_k(z) (log p(T_k z) - log q(T_k z)),
+```
 
 where p is the model's joint density of (u, data) including the Jacobian of the maps from
 u to the constrained latents. The sum over the discrete component choice is exact for

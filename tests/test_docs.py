@@ -9,6 +9,14 @@ Docstrings link with mkdocs-autorefs: ``[`CWM`][pyro_cwm.nn.CWM]``, by the ident
 which ``docs/api`` documents the target; what is not documented is plain ``code``. Sphinx
 roles (``:class:`CWM```) are not links in mkdocs: they render as literal text, and nothing
 checks their targets, so they are rejected here, in the rendered pages and in the sources.
+
+Docstrings, module docstrings included, are Markdown read both rendered and in ``help()``:
+formulas are plain text (in ``code`` or a fenced ```` ```text ```` block), tables are pipe
+tables. reST math (``.. math::``, ``:math:``), reST table borders and ``::`` literal-block
+markers are rejected, in the rendered pages and in the docstrings. A docstring that refers to
+its module's docstring links the module's section of the reference
+(``[the module documentation][pyro_cwm.models.mdn]``), which the test of the references
+then checks.
 """
 
 import ast
@@ -34,8 +42,23 @@ ROLE_TEXT = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|obj|data|exc):")
 # reST block markup Markdown leaves as text: a ``word::`` literal-block marker ending a
 # paragraph, or a directive (``.. note::``).
 REST_BLOCK = re.compile(r"\w::\s*</p>|\.\. [a-z-]+::")
+# reST markup that stays text once the tags are stripped (or, in a docstring, in help()): a
+# math role, a simple-table border (``=====  =====``), a grid-table border (``+-----+``),
+# or a ``::`` literal-block marker ending a line.
+REST_TEXT = re.compile(
+    r":math:|^[ \t]*={3,}(?:[ \t]+={3,})+[ \t]*$|^[ \t]*\+[-=]{3,}\+|\S::[ \t]*$", re.M
+)
+# The same in a docstring, plus a directive (``.. math::``) at the start of a line.
+REST_SOURCE = re.compile(r"^[ \t]*\.\. [a-z-]+::|" + REST_TEXT.pattern, re.M)
 # An autorefs cross-reference in a docstring or comment: [`text`][identifier].
 AUTOREF = re.compile(r"\[`[^`\]]+`\]\[([^\]]*)\]")
+# One with plain link text, to an identifier of our packages (a module, say):
+# [the module documentation][pyro_cwm.models.mdn]. The text may wrap over lines.
+TEXT_AUTOREF = re.compile(r"\[[^`\[\]]+\]\[((?:pyro_cwm|inference)(?:\.\w+)*)\]")
+# Any Markdown reference link, [text][identifier], whatever the text.
+REFERENCE_LINK = re.compile(r"\[[^\]]*\]\[[^\]]*\]")
+# "the module docstring": not a link, and the reference pages show no docstring by that name.
+MODULE_DOCSTRING = re.compile(r"\bmodule(?:'s)?\s+doc\s*strings?\b", re.I)
 
 # The packages whose ``__all__`` the reference must cover.
 PACKAGES = [
@@ -87,8 +110,25 @@ def _anchors(site: Path) -> set[str]:
     return anchors
 
 
+def _in_code_block(page: str, text: str) -> bool:
+    """Whether ``text`` occurs in ``page`` inside a ``<pre>`` block."""
+    at = page.find(text)
+    return at >= 0 and page.rfind("<pre", 0, at) > page.rfind("</pre>", 0, at)
+
+
 def _sources() -> list[Path]:
     return sorted(path for tree in SOURCES for path in REPO.joinpath(tree).rglob("*.py"))
+
+
+def _docstrings(path: Path) -> list[tuple[int, str]]:
+    """The docstrings of a source file (module, classes, functions), with their first line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            docstring = ast.get_docstring(node, clean=False)
+            if docstring is not None:
+                found.append((node.body[0].lineno, docstring))
+    return found
 
 
 def _public_names(package: str) -> list[str]:
@@ -138,6 +178,22 @@ def test_cross_references_are_links(site):
     assert 'href="#pyro_cwm.models.Gate"><code>Gate</code></a>' in models
 
 
+def test_module_docstrings_render(site):
+    # The modules whose docstrings the classes refer to have a section, linked from the
+    # classes; their Markdown tables and formula blocks render as such.
+    models = _page(site, "models")
+    assert 'id="pyro_cwm.models.mdn"' in models
+    assert 'href="#pyro_cwm.models.mdn">the module documentation</a>' in models
+    assert '<td><code>"isotropic_across_components"</code></td>' in models
+    assert _in_code_block(models, "B_k^{-1} = A_k^{-1}")  # a fenced block in a list item
+    distributions = _page(site, "distributions")
+    link = 'href="#pyro_cwm.distributions.gaussian_mixture">the module documentation</a>'
+    assert link in distributions
+    assert "<td><code>Sigma_k = L L^T</code> for every k</td>" in distributions
+    assert 'id="pyro_cwm.nn.maps"' in _page(site, "nn")
+    assert 'id="inference.elbo"' in _page(site, "inference")
+
+
 def test_no_sphinx_roles_or_rest_blocks_in_rendered_pages(site):
     found = []
     for page in _pages(site):
@@ -147,6 +203,7 @@ def test_no_sphinx_roles_or_rest_blocks_in_rendered_pages(site):
         found += [f"{name}: {m.group()}" for m in RENDERED_ROLE.finditer(raw)]
         found += [f"{name}: {m.group()}" for m in ROLE_TEXT.finditer(text)]
         found += [f"{name}: {m.group()!r}" for m in REST_BLOCK.finditer(raw)]
+        found += [f"{name}: {m.group()!r}" for m in REST_TEXT.finditer(text)]
     assert not found, "reST markup rendered literally:\n" + "\n".join(found)
 
 
@@ -160,6 +217,36 @@ def test_no_sphinx_roles_in_sources():
     assert not found, "Sphinx roles (write [`Name`][full.path] or ``name``):\n" + "\n".join(found)
 
 
+def test_no_rest_markup_in_docstrings():
+    # Module docstrings are not all rendered, but help() shows them as written.
+    found = []
+    for path in _sources():
+        for first, docstring in _docstrings(path):
+            for match in REST_SOURCE.finditer(docstring):
+                number = first + docstring.count("\n", 0, match.start())
+                found.append(f"{path.relative_to(REPO)}:{number}: {match.group().strip()!r}")
+    assert not found, (
+        "reST markup in docstrings (formulas: ``code`` or a ```text block; tables: pipe "
+        "tables; literal blocks: fenced):\n" + "\n".join(found)
+    )
+
+
+def test_module_docstring_mentions_are_links():
+    # "see the module docstring" leads a reader of the reference nowhere: link the module.
+    found = []
+    for path in _sources():
+        for first, docstring in _docstrings(path):
+            links = [link.span() for link in REFERENCE_LINK.finditer(docstring)]
+            for match in MODULE_DOCSTRING.finditer(docstring):
+                if not any(start <= match.start() < end for start, end in links):
+                    number = first + docstring.count("\n", 0, match.start())
+                    found.append(f"{path.relative_to(REPO)}:{number}: {match.group()!r}")
+    assert not found, (
+        "unlinked mentions of a module docstring (write "
+        "[the module documentation][package.module]):\n" + "\n".join(found)
+    )
+
+
 def test_cross_references_in_sources_resolve(site):
     # The strict build checks the references of rendered docstrings only; this checks every
     # [`text`][identifier] in the sources against the documented identifiers.
@@ -167,7 +254,7 @@ def test_cross_references_in_sources_resolve(site):
     unresolved = []
     for path in _sources():
         text = path.read_text(encoding="utf-8")
-        for match in AUTOREF.finditer(text):
+        for match in [*AUTOREF.finditer(text), *TEXT_AUTOREF.finditer(text)]:
             if match.group(1) not in anchors:
                 number = text.count("\n", 0, match.start()) + 1
                 unresolved.append(f"{path.relative_to(REPO)}:{number}: {match.group(1)}")

@@ -2,11 +2,11 @@ r"""The Classifier Weighted Mixture distribution.
 
 With a reference q on R^d, K invertible maps T_k and a classifier w: R^d -> simplex,
 
-- sample: :math:`z \sim q,\ k \sim \mathrm{Categorical}(w(z)),\ x = T_k(z)`;
-- density: :math:`p(x) = \sum_k q(z_k)\, w_k(z_k)\, |\det \partial T_k^{-1}/\partial x|`,
-  with :math:`z_k = T_k^{-1}(x)`. It integrates to one because the weights sum to one at
-  every z; a constant w gives the plain mixture of the K push-forwards of q.
-- component posterior: :math:`v_k(x) \propto q(z_k) w_k(z_k) |\det J_k|`.
+- sample: ``z ~ q, k ~ Categorical(w(z)), x = T_k(z)``;
+- density: ``p(x) = sum_k q(z_k) w_k(z_k) |det dT_k^{-1}/dx|``, with ``z_k = T_k^{-1}(x)``.
+  It integrates to one because the weights sum to one at every z; a constant w gives the
+  plain mixture of the K push-forwards of q.
+- component posterior: ``v_k(x)`` proportional to ``q(z_k) w_k(z_k) |det J_k|``.
 
 With a context c the maps and the classifier take c as a second input; the distribution's
 batch shape is then ``context.shape[:-1]``.

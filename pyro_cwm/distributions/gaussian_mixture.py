@@ -1,21 +1,22 @@
 r"""The Gaussian mixture distribution, with the covariance families of scikit-learn.
 
-:math:`p(x) = \sum_k \pi_k\, \mathcal N(x; \mu_k, \Sigma_k)`, with :math:`\Sigma_k` by family:
+``p(x) = sum_k pi_k N(x; mu_k, Sigma_k)``, with ``Sigma_k`` by family:
 
-=============  ==========================================  ==============================
-family         covariance                                  ``scale`` argument
-=============  ==========================================  ==============================
-``full``       :math:`\Sigma_k = L_k L_k^\top`             ``(..., K, d, d)`` lower Cholesky
-``tied``       :math:`\Sigma_k = L L^\top` for every k     ``(..., d, d)`` lower Cholesky
-``diag``       :math:`\mathrm{diag}(s_k^2)`                ``(..., K, d)`` standard deviations
-``spherical``  :math:`s_k^2 I`                             ``(..., K)`` standard deviations
-``constant``   :math:`s^2 I`, one fixed value              ``(...)`` standard deviation
-=============  ==========================================  ==============================
+| family        | covariance                      | ``scale`` argument                  |
+| ------------- | ------------------------------- | ----------------------------------- |
+| ``full``      | ``Sigma_k = L_k L_k^T``         | ``(..., K, d, d)`` lower Cholesky   |
+| ``tied``      | ``Sigma_k = L L^T`` for every k | ``(..., d, d)`` lower Cholesky      |
+| ``diag``      | ``diag(s_k^2)``                 | ``(..., K, d)`` standard deviations |
+| ``spherical`` | ``s_k^2 I``                     | ``(..., K)`` standard deviations    |
+| ``constant``  | ``s^2 I``, one fixed value      | ``(...)`` standard deviation        |
 
-The densities go through the precision factor :math:`P = L^{-\top}`
-(:math:`\Sigma^{-1} = P P^\top`): :math:`\log\mathcal N = -\tfrac d2 \log 2\pi
-+ \log|\det P| - \tfrac12 \|(x-\mu)^\top P\|^2`, computed on differences so that it stays
-accurate in float32 far from the origin.
+The densities go through the precision factor ``P = L^{-T}`` (``Sigma^{-1} = P P^T``):
+
+```text
+log N(x; mu, Sigma) = -d/2 log(2 pi) + log|det P| - 1/2 ||(x - mu)^T P||^2,
+```
+
+computed on differences so that it stays accurate in float32 far from the origin.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def check_covariance_type(covariance_type: str) -> str:
 def precision_factor(scale: Tensor, covariance_type: str) -> Tensor:
     """The factor P with ``P P^T = Sigma^{-1}``: ``L^{-T}`` for full/tied, ``1/s`` otherwise.
 
-    ``scale`` has the family's shape (see the module docstring); the result has the same.
+    ``scale`` has the family's shape (see
+    [the module documentation][pyro_cwm.distributions.gaussian_mixture]); the result has the
+    same.
     """
     if covariance_type in ("full", "tied"):
         eye = torch.eye(scale.shape[-1], dtype=scale.dtype, device=scale.device)
@@ -96,7 +99,8 @@ class GaussianMixture(TorchDistribution):
 
     Args:
         loc: component means, shape (*batch, K, d).
-        scale: the covariance parameter of the family, see the module docstring: a lower
+        scale: the covariance parameter of the family (see
+            [the module documentation][pyro_cwm.distributions.gaussian_mixture]): a lower
             Cholesky factor (full ``(*batch, K, d, d)``, tied ``(*batch, d, d)``) or
             standard deviations (diag ``(*batch, K, d)``, spherical ``(*batch, K)``,
             constant ``(*batch,)`` or a scalar).

@@ -9,12 +9,15 @@ term of the lower bound. Two families:
 
 - [`BayesianLinearExperts`][pyro_cwm.models.BayesianLinearExperts]: ``y = x^T w_k + eps``,
   ``eps ~ N(0, 1/beta_k)``, prior ``w_k ~ N(w0_k, A_k)``. With responsibilities ``r_nk`` the
-  posterior is Gaussian in closed form::
+  posterior is Gaussian in closed form:
 
-      B_k^{-1} = A_k^{-1} + beta_k sum_n r_nk x_n x_n^T
-      m_k      = B_k (A_k^{-1} w0_k + beta_k sum_n r_nk y_n x_n)
+    ```text
+    B_k^{-1} = A_k^{-1} + beta_k sum_n r_nk x_n x_n^T
+    m_k      = B_k (A_k^{-1} w0_k + beta_k sum_n r_nk y_n x_n)
+    ```
 
-  and ``w0_k``, ``A_k``, ``beta_k`` are updated by type-II maximum likelihood when asked.
+    and ``w0_k``, ``A_k``, ``beta_k`` are updated by type-II maximum likelihood when asked.
+
 - [`ModuleExperts`][pyro_cwm.models.ModuleExperts]: any K torch regression modules
   ``f_k(x)`` with Gaussian noise, point-estimated by a weighted maximum-likelihood M-step
   (gradient steps).
@@ -135,7 +138,8 @@ class BayesianLinearExperts(Experts):
     """K Bayesian linear regression experts ``y = x^T w_k + N(0, 1/beta_k)``.
 
     Prior ``w_k ~ N(w0_k, A_k)``; the variational posterior ``q(w_k) = N(m_k, B_k)`` is the
-    closed-form Gaussian posterior from the responsibility-weighted data (module docstring).
+    closed-form Gaussian posterior from the responsibility-weighted data (see
+    [the module documentation][pyro_cwm.models.experts]).
     No intercept is added: append a column of ones to ``X`` for one.
 
     Args:

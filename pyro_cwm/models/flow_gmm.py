@@ -3,16 +3,17 @@ r"""FlowGMM: a normalizing flow to a class-conditional Gaussian mixture (Izmailo
 A flow ``f`` (zuko) maps data to a latent space where class ``y`` is the Gaussian
 ``N(mu_y, I)``:
 
-.. math::
-    p(x \mid y) = \mathcal N(f(x); \mu_y, I)\, |\det \partial f / \partial x|, \qquad
-    p(x) = \sum_y \pi_y\, p(x \mid y), \qquad
-    p(y \mid x) = \mathrm{softmax}_y(\log \pi_y - \tfrac12 \|f(x) - \mu_y\|^2).
+```text
+p(x | y) = N(f(x); mu_y, I) |det df/dx|,
+p(x)     = sum_y pi_y p(x | y),
+p(y | x) = softmax_y(log pi_y - 1/2 ||f(x) - mu_y||^2).
+```
 
 The class means are fixed, not learned, at ``mean_scale`` times orthonormal directions
 (every pair ``mean_scale * sqrt(2)`` apart), so the classes cannot collapse onto each other
 (what sank the seed's version). The log-determinant is exact (coupling/autoregressive
-transforms have triangular Jacobians). [`FlowGMM.model`][pyro_cwm.models.FlowGMM.model] is the same
-model in Pyro, with the label observed or enumerated.
+transforms have triangular Jacobians). [`FlowGMM.model`][pyro_cwm.models.FlowGMM.model] is
+the same model in Pyro, with the label observed or enumerated.
 """
 
 from __future__ import annotations

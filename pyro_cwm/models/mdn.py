@@ -1,30 +1,29 @@
 r"""Mixture density network: a network maps x to a Gaussian mixture over y (Bishop, 1994).
 
-.. math::
-
-    p(y \mid x) = \sum_{k=1}^K \pi_k(x)\, \mathcal N\big(y;\ \mu_k(x),\ \Sigma_k(x)\big),
-    \qquad (\pi, \mu, S) = f_\theta(x),\quad \Sigma_k = S_k S_k^\top + s_{\min}^2 I
+```text
+p(y | x) = sum_{k=1}^K pi_k(x) N(y; mu_k(x), Sigma_k(x)),
+(pi, mu, S) = f_theta(x),   Sigma_k = S_k S_k^T + s_min^2 I
+```
 
 The network ``f`` is an MLP trunk followed by one linear layer giving the logits of
-:math:`\pi`, the K means and the noise parameters of the chosen type:
+``pi``, the K means and the noise parameters of the chosen type:
 
-==================================  =============================  ==========================
-``noise_type``                      :math:`\Sigma_k(x)`            ``GaussianMixture`` family
-==================================  =============================  ==========================
-``"full"``                          :math:`L_k L_k^\top + s^2 I`   ``full`` (Cholesky factor)
-``"diagonal"``                      :math:`\mathrm{diag}(\sigma_k^2 + s^2)`   ``diag``
-``"isotropic"``                     :math:`(\sigma_k^2 + s^2) I`   ``spherical``
-``"isotropic_across_components"``   :math:`(\sigma^2 + s^2) I`     ``constant`` (batched)
-``"fixed"``                         :math:`c^2 I`, not learned     ``constant``
-==================================  =============================  ==========================
+| ``noise_type``                    | ``Sigma_k(x)``              | ``GaussianMixture`` family    |
+| --------------------------------- | --------------------------- | ----------------------------- |
+| ``"full"``                        | ``L_k L_k^T + s^2 I``       | ``full`` (Cholesky factor)    |
+| ``"diagonal"``                    | ``diag(sigma_k^2 + s^2)``   | ``diag``                      |
+| ``"isotropic"``                   | ``(sigma_k^2 + s^2) I``     | ``spherical``                 |
+| ``"isotropic_across_components"`` | ``(sigma^2 + s^2) I``       | ``constant`` (batched)        |
+| ``"fixed"``                       | ``c^2 I``, not learned      | ``constant``                  |
 
-with :math:`s` = ``min_scale``, the variance floor: every eigenvalue of every
-:math:`\Sigma_k` is at least :math:`s^2` whatever the network outputs (exactly for the
-diagonal types; for ``"full"`` up to rounding relative to the largest eigenvalue). The
-log-scales are clamped at ``MAX_LOG_SCALE``, so nothing overflows for extreme inputs.
+with ``s`` = ``min_scale``, the variance floor: every eigenvalue of every ``Sigma_k`` is
+at least ``s^2`` whatever the network outputs (exactly for the diagonal types; for
+``"full"`` up to rounding relative to the largest eigenvalue). The log-scales are clamped
+at ``MAX_LOG_SCALE``, so nothing overflows for extreme inputs.
 
 Calling the module returns the distribution (the lazy-distribution pattern of
-[`CWM`][pyro_cwm.nn.CWM] and zuko), so ``inference.fit_density(mdn, y, context=x)`` trains it.
+[`CWM`][pyro_cwm.nn.CWM] and zuko), so ``inference.fit_density(mdn, y, context=x)`` trains
+it.
 ``mdn.model(x, y)`` is the Pyro model with the MDN as likelihood; after
 [`MixtureDensityNetwork.set_weight_prior`][pyro_cwm.models.MixtureDensityNetwork.set_weight_prior]
 the network weights are latent too (a Bayesian MDN, fitted with SVI and any autoguide).
@@ -101,7 +100,8 @@ class MixtureDensityNetwork(PyroModule):
         num_components: number of mixture components K.
         hidden_dims: widths of the trunk's hidden layers; ``()``: the head sees x itself.
         noise_type: ``"full"``, ``"diagonal"``, ``"isotropic"``,
-            ``"isotropic_across_components"`` or ``"fixed"`` (see the module docstring).
+            ``"isotropic_across_components"`` or ``"fixed"`` (see
+            [the module documentation][pyro_cwm.models.mdn]).
         fixed_scale: the standard deviation c of the ``"fixed"`` type (required there,
             not allowed otherwise).
         min_scale: the floor s >= 0: every component covariance is

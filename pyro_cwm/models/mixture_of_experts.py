@@ -1,15 +1,19 @@
 """Mixtures of experts and mixtures of models: K local regression models and a gate.
 
-    p(y | x) = sum_k pi_k(x) p(y | x, expert k)
+```text
+p(y | x) = sum_k pi_k(x) p(y | x, expert k)
+```
 
 The experts (``pyro_cwm.models.experts``) are Bayesian linear regressions by default; the
 gate (``pyro_cwm.models.gates``) is a softmax network of x (a mixture of experts), constant
 Dirichlet weights (a mixture of models,
 [`MixtureOfModels`][pyro_cwm.models.MixtureOfModels]) or a per-point Dirichlet. The
-variational EM lower bound, with ``q(z_n) = r_n``::
+variational EM lower bound, with ``q(z_n) = r_n``:
 
-    L = sum_nk r_nk (E_q[log pi_nk] + E_q[log p(y_n | x_n, w_k)]) - sum_nk r_nk log r_nk
-        - sum_k KL(q(w_k) || p(w_k)) + gate term + regularizer penalty
+```text
+L = sum_nk r_nk (E_q[log pi_nk] + E_q[log p(y_n | x_n, w_k)]) - sum_nk r_nk log r_nk
+    - sum_k KL(q(w_k) || p(w_k)) + gate term + regularizer penalty
+```
 
 is maximized by [`fit_experts_em`][inference.fit_experts_em] (what
 [`MixtureOfExperts.fit`][pyro_cwm.models.MixtureOfExperts.fit] calls);

@@ -63,7 +63,8 @@ class ComponentParams(nn.Module):
 
 
 class ComponentMaps(nn.Module):
-    """Base class of the K-vectorized invertible maps (see the module docstring)."""
+    """Base class of the K-vectorized invertible maps (see
+    [the module documentation][pyro_cwm.nn.maps])."""
 
     def __init__(self, dim: int, num_components: int, context_dim: int = 0) -> None:
         super().__init__()

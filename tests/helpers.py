@@ -3,22 +3,21 @@
 import torch
 
 from pyro_cwm import CWM
+from pyro_cwm.nn import MAP_CHOICES, map_arguments
 
-# "flow-maf": the flow map with the autoregressive affine flow (map_options flow="maf").
-MAP_KINDS = ["location_scale", "affine", "flow", "flow-maf"]
+# Every family of maps, and "maf": the flow family with an autoregressive affine flow.
+MAP_KINDS = list(MAP_CHOICES)
+FLOW_KINDS = ("flow", "maf")
 
 
 def map_kwargs(map, flow_hidden_dims=None):
-    """CWM/AutoCWM keyword arguments for a name of MAP_KINDS."""
-    if map == "flow-maf":
-        options = {"flow": "maf"}
-    elif map == "flow":
-        options = {}
-    else:
-        return {"map": map}
-    if flow_hidden_dims is not None:
-        options["flow_hidden_dims"] = flow_hidden_dims
-    return {"map": "flow", "map_options": options or None}
+    """CWM/AutoCWM keyword arguments for a name of MAP_KINDS (``map_arguments``), with
+    ``flow_hidden_dims`` for the flow kinds."""
+    kwargs = map_arguments(map)
+    if map in FLOW_KINDS and flow_hidden_dims is not None:
+        kwargs["map_options"] = {**(kwargs["map_options"] or {}),
+                                 "flow_hidden_dims": flow_hidden_dims}
+    return kwargs
 
 
 def random_cwm(
@@ -36,7 +35,7 @@ def random_cwm(
     Flow maps get a milder perturbation: strong random splines make spiky densities.
     """
     if scale is None:
-        scale = 0.2 if map.startswith("flow") else 0.5
+        scale = 0.2 if map in FLOW_KINDS else 0.5
     torch.manual_seed(seed)
     cwm = CWM(
         dim,

@@ -54,7 +54,6 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNorm
 from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor
 
-from inference.cli.demo import autocwm_map
 from inference.diagnostics import psis_diagnostic
 from inference.elbo import CWMELBO
 from inference.metrics import energy_distance, marginal_errors
@@ -64,6 +63,7 @@ from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.laplace import log_joint_derivatives, newton_refine
+from pyro_cwm.nn import map_arguments
 
 DEFAULT_REFPOST = Path(__file__).resolve().parents[2].parent / "shared" / "refpost"
 
@@ -129,7 +129,7 @@ def make_guide(name: str, model, components: int):
     kind, _, map_name = name.partition(":")
     if kind == "AutoCWM":
         guide = AutoCWM(
-            model, num_components=components, **autocwm_map(map_name or "location_scale")
+            model, num_components=components, **map_arguments(map_name or "location_scale")
         )
         return guide, CWMELBO(num_particles=4)
     raise ValueError(f"unknown method {name!r}")

@@ -32,6 +32,7 @@ from inference.metrics import energy_distance
 from inference.svi import fit_svi
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
+from pyro_cwm.nn import MAP_CHOICES, map_arguments
 
 DEMO_TARGETS = ("ring", "funnel")
 # AutoCWM's maps per demo target unless --map says otherwise: the ring needs only
@@ -64,24 +65,6 @@ def _optim(steps: int, lr: float) -> pyro.optim.PyroOptim:
     )
 
 
-# AutoCWM's component maps by command-line name; "maf" is the flow map with an
-# autoregressive affine flow (map_options flow="maf"), the one for funnels.
-MAP_CHOICES = ("location_scale", "affine", "flow", "maf")
-
-
-def autocwm_map(name: str) -> dict:
-    """``AutoCWM`` keyword arguments (``map``, ``map_options``) for a name of MAP_CHOICES.
-
-    Raises:
-        ValueError: if ``name`` is not one of MAP_CHOICES.
-    """
-    if name not in MAP_CHOICES:
-        raise ValueError(f"map must be one of {MAP_CHOICES}, got {name!r}")
-    if name == "maf":
-        return {"map": "flow", "map_options": {"flow": "maf"}}
-    return {"map": name, "map_options": None}
-
-
 def fit_guide(model, model_args: tuple, name: str, args) -> tuple[dict, az.InferenceData, list]:
     """Fit ``name`` (AutoNormal or AutoCWM) to ``model(*model_args)``; diagnose it.
 
@@ -91,11 +74,11 @@ def fit_guide(model, model_args: tuple, name: str, args) -> tuple[dict, az.Infer
     """
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
+    map_name = None if name == "AutoNormal" else args.map or "location_scale"
     if name == "AutoNormal":
         guide, loss = AutoNormal(model), Trace_ELBO(num_particles=4, vectorize_particles=True)
     else:
-        guide = AutoCWM(model, num_components=args.components,
-                        **autocwm_map(args.map or "location_scale"))
+        guide = AutoCWM(model, num_components=args.components, **map_arguments(map_name))
         loss = CWMELBO(num_particles=4)
     started = time.perf_counter()
     history = fit_svi(model, guide, *model_args, loss=loss, num_steps=args.steps,
@@ -105,9 +88,8 @@ def fit_guide(model, model_args: tuple, name: str, args) -> tuple[dict, az.Infer
                                  seed=args.seed)
     idata = to_inference_data(model, guide, *model_args, num_samples=args.samples,
                               seed=args.seed)
-    row = {"guide": name, "map": None if name == "AutoNormal" else args.map or "location_scale",
-           "elbo": diagnostic.elbo, "is_log_z": diagnostic.log_z, "k_hat": diagnostic.k_hat,
-           "time_s": elapsed}
+    row = {"guide": name, "map": map_name, "elbo": diagnostic.elbo,
+           "is_log_z": diagnostic.log_z, "k_hat": diagnostic.k_hat, "time_s": elapsed}
     return row, idata, history["loss"]
 
 

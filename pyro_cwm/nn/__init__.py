@@ -3,7 +3,15 @@
 from pyro_cwm.nn.classifiers import ConstantWeights, SoftmaxClassifier
 from pyro_cwm.nn.cwm import CWM
 from pyro_cwm.nn.gmm import GMM
-from pyro_cwm.nn.maps import MAPS, AffineMaps, FlowMaps, LocationScaleMaps, build_maps
+from pyro_cwm.nn.maps import (
+    MAP_CHOICES,
+    MAPS,
+    AffineMaps,
+    FlowMaps,
+    LocationScaleMaps,
+    build_maps,
+    map_arguments,
+)
 
 __all__ = [
     "CWM",
@@ -15,4 +23,6 @@ __all__ = [
     "LocationScaleMaps",
     "SoftmaxClassifier",
     "build_maps",
+    "MAP_CHOICES",
+    "map_arguments",
 ]

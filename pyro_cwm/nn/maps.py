@@ -263,6 +263,28 @@ MAPS: dict[str, type[ComponentMaps]] = {
 }
 
 
+# Named choices of a CWM's maps for command lines and benchmarks: the MAPS families plus
+# presets of their options.
+MAP_PRESETS: dict[str, tuple[str, dict]] = {"maf": ("flow", {"flow": "maf"})}
+MAP_CHOICES: tuple[str, ...] = (*MAPS, *MAP_PRESETS)
+
+
+def map_arguments(name: str) -> dict:
+    """``map`` and ``map_options`` keyword arguments of ``CWM``/``AutoCWM`` for a name of
+    ``MAP_CHOICES``: a family of ``MAPS`` as it is, or a preset such as ``"maf"`` (the
+    flow family with an autoregressive affine flow, ``map_options={"flow": "maf"}``).
+
+    Raises:
+        ValueError: if ``name`` is not one of ``MAP_CHOICES``.
+    """
+    if name in MAP_PRESETS:
+        kind, options = MAP_PRESETS[name]
+        return {"map": kind, "map_options": dict(options)}
+    if name not in MAPS:
+        raise ValueError(f"map must be one of {MAP_CHOICES}, got {name!r}")
+    return {"map": name, "map_options": None}
+
+
 def build_maps(
     kind: str, dim: int, num_components: int, context_dim: int = 0, **options
 ) -> ComponentMaps:

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import zuko
 from scipy import integrate, stats
 from torch.distributions import (
     Categorical,
@@ -15,7 +16,7 @@ from torch.distributions import (
 )
 
 from pyro_cwm import CWM, ClassifierWeightedMixture
-from pyro_cwm.nn import ConstantWeights, build_maps
+from pyro_cwm.nn import ConstantWeights, build_maps, map_arguments
 from pyro_cwm.nn.maps import PreconditionedMaps
 from tests.helpers import (
     MAP_KINDS,
@@ -295,3 +296,20 @@ def test_preconditioned_maps_invert_and_count_the_shared_jacobian():
     assert torch.allclose(ladj[0, 0], -torch.linalg.slogdet(jac)[1])
     with pytest.raises(ValueError, match="shift and matrix"):
         PreconditionedMaps(inner, shift[:2], matrix)
+
+
+def test_map_choices_are_the_families_and_the_maf_preset():
+    assert map_arguments("affine") == {"map": "affine", "map_options": None}
+    maf = map_arguments("maf")
+    assert maf == {"map": "flow", "map_options": {"flow": "maf"}}
+    # The preset builds a fully autoregressive (3 passes in 3-D) affine flow; the default
+    # flow is a spline coupling flow (2 passes).
+    for name, passes, univariate in (
+        ("maf", 3, zuko.transforms.MonotonicAffineTransform),
+        ("flow", 2, zuko.transforms.MonotonicRQSTransform),
+    ):
+        for t in CWM(3, 2, **map_arguments(name)).maps.flow.transforms:
+            assert t.passes == passes
+            assert getattr(t.univariate, "func", t.univariate) is univariate
+    with pytest.raises(ValueError, match="map must be one of"):
+        map_arguments("spline")

@@ -7,7 +7,6 @@ import arviz as az
 import pytest
 
 from inference.cli import main
-from inference.cli.demo import autocwm_map
 
 
 def test_demo_writes_inference_data_plots_and_table(tmp_path, capsys):
@@ -93,11 +92,5 @@ def test_vi_with_the_autoregressive_flow_map(tmp_path, capsys):
                  "--samples", "50", "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     rows = json.loads((out / "table.json").read_text())
+    assert [r["map"] for r in rows] == [None, "maf"]
     assert all(math.isfinite(r["elbo"]) for r in rows)
-
-
-def test_autocwm_map_names():
-    assert autocwm_map("maf") == {"map": "flow", "map_options": {"flow": "maf"}}
-    assert autocwm_map("affine") == {"map": "affine", "map_options": None}
-    with pytest.raises(ValueError, match="map must be one of"):
-        autocwm_map("spline")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO
 from pyro.infer.enum import get_importance_trace
 from torch import Tensor
 
@@ -23,18 +23,33 @@ from pyro_cwm.guides.autocwm import AutoCWM
 from pyro_cwm.guides.log_joint import unconstrained_log_joint
 
 
+def cwm_guides(guide) -> list[AutoCWM]:
+    """The AutoCWM guides in ``guide``: itself, or the parts of an ``AutoGuideList``."""
+    if isinstance(guide, AutoCWM):
+        return [guide]
+    if isinstance(guide, torch.nn.Module):
+        return [module for module in guide.modules() if isinstance(module, AutoCWM)]
+    return []
+
+
 class CWMELBO(ELBO):
-    """The Rao-Blackwellized ELBO for [`AutoCWM`][pyro_cwm.guides.AutoCWM] guides.
+    """The Rao-Blackwellized ELBO for guides with [`AutoCWM`][pyro_cwm.guides.AutoCWM] parts.
 
     Each of ``num_particles`` reparameterized draws z gives all K component images
     T_k(z); their model and guide log-densities are weighted by the classifier's w_k(z)
-    and summed, so the gradient reaches the classifier without a score function. The K x
-    ``num_particles`` model evaluations run as one vectorized call.
+    and summed, so the gradient reaches the classifier without a score function.
+
+    For a single AutoCWM guide this runs as one vectorized call of the model on the K x
+    ``num_particles`` images (the fast path). Any other guide (an ``AutoGuideList`` of
+    AutoCWM with ``AutoNormal`` or ``AutoDelta`` parts, for local latents in subsampled
+    plates) is trained with Pyro's ``TraceEnum_ELBO`` (vectorized particles), which sums
+    AutoCWM's enumerated component site out: the same estimator. Discrete model sites
+    marked for parallel enumeration (``config_enumerate``) are summed out on both paths.
 
     Components must not collapse: from a random start, reverse KL tends to give one
     component all the weight, and a component that loses its weight stops moving (its
     gradient is scaled by it). So for the first ``classifier_warmup`` steps the
-    classifier is held constant (its gradients are dropped; it starts uniform): every
+    classifiers are held constant (their gradients are dropped; they start uniform): every
     component moves, with weight 1/K, to the mode nearest its spread start (see
     [`AutoCWM`][pyro_cwm.guides.AutoCWM]), and only then do the weights adapt. The counter
     is ``self.step``; use a new CWMELBO (or reset ``step``) for a new fit.
@@ -42,17 +57,29 @@ class CWMELBO(ELBO):
     Args:
         num_particles: number of draws z per step.
         classifier_warmup: number of steps with a constant classifier (0: none).
+        max_plate_nesting: for the ``TraceEnum_ELBO`` path (default: guessed from a run
+            of the model and guide, as Pyro does).
 
     Raises:
-        TypeError: (at the first step) if the guide is not an AutoCWM.
+        TypeError: (at the first step) if the guide has no AutoCWM part.
     """
 
-    def __init__(self, num_particles: int = 1, classifier_warmup: int = 200) -> None:
-        super().__init__(num_particles=num_particles)
+    def __init__(
+        self,
+        num_particles: int = 1,
+        classifier_warmup: int = 200,
+        max_plate_nesting: float = float("inf"),
+    ) -> None:
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         if classifier_warmup < 0:
             raise ValueError(f"classifier_warmup must be >= 0, got {classifier_warmup}")
         self.classifier_warmup = classifier_warmup
         self.step = 0
+        self._enum_elbo = TraceEnum_ELBO(
+            num_particles=num_particles,
+            vectorize_particles=True,
+            max_plate_nesting=max_plate_nesting,
+        )
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, as ``Trace_ELBO`` draws it (for ELBO helpers)."""
@@ -61,13 +88,16 @@ class CWMELBO(ELBO):
     def elbo_terms(self, model, guide, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Per-particle ELBO contributions (num_particles,) and the component weights.
 
-        Returns ``(values, log_w)``: the mean of ``values`` is the differentiable ELBO
-        estimate; ``log_w`` (num_particles, K) are the classifier's log-weights at each z.
+        The fast path, for a single AutoCWM guide. Returns ``(values, log_w)``: the mean
+        of ``values`` is the differentiable ELBO estimate; ``log_w`` (num_particles, K) are
+        the classifier's log-weights at each z.
+
+        Raises:
+            TypeError: if ``guide`` is not an AutoCWM.
         """
         if not isinstance(guide, AutoCWM):
             raise TypeError(
-                f"CWMELBO needs an AutoCWM guide, got {type(guide).__name__}; use Trace_ELBO "
-                "for other guides"
+                f"CWMELBO.elbo_terms needs an AutoCWM guide, got {type(guide).__name__}"
             )
         if guide.prototype_trace is None:
             with poutine.block():
@@ -82,8 +112,15 @@ class CWMELBO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """The negative ELBO estimate, differentiable in the guide's and model's parameters."""
-        values, _ = self.elbo_terms(model, guide, *args, **kwargs)
-        return -values.mean()
+        if isinstance(guide, AutoCWM):
+            values, _ = self.elbo_terms(model, guide, *args, **kwargs)
+            return -values.mean()
+        if not cwm_guides(guide):
+            raise TypeError(
+                f"CWMELBO needs a guide with an AutoCWM part, got {type(guide).__name__}; use "
+                "Trace_ELBO (or TraceEnum_ELBO) for other guides"
+            )
+        return self._enum_elbo.differentiable_loss(model, guide, *args, **kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -93,7 +130,8 @@ class CWMELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         if self.step < self.classifier_warmup:
-            for param in guide.cwm.classifier.parameters():
-                param.grad = None
+            for cwm_guide in cwm_guides(guide):
+                for param in cwm_guide.cwm.classifier.parameters():
+                    param.grad = None
         self.step += 1
         return loss.item()

@@ -16,8 +16,7 @@ from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
 from inference.checkpoint import load_checkpoint, save_checkpoint
-from inference.elbo import CWMELBO
-from pyro_cwm.guides.autocwm import AutoCWM
+from inference.elbo import CWMELBO, cwm_guides
 from pyro_cwm.nn.checks import check_positive_int
 
 
@@ -64,8 +63,9 @@ def fit_svi(
     Args:
         model (Callable): a Pyro model.
         guide (Callable): its guide (an AutoCWM, any autoguide, or a callable).
-        loss (pyro.infer.ELBO | None): the ELBO; default [`CWMELBO`][inference.CWMELBO] for an
-            AutoCWM, ``Trace_ELBO`` otherwise.
+        loss (pyro.infer.ELBO | None): the ELBO; default [`CWMELBO`][inference.CWMELBO] for a
+            guide with AutoCWM parts (an AutoCWM, or an ``AutoGuideList`` holding one),
+            ``Trace_ELBO`` otherwise.
         num_steps: maximum number of steps.
         optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": 1e-2})``. A learning-rate
             schedule (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is
@@ -96,7 +96,7 @@ def fit_svi(
     if device is not None:
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
     if loss is None:
-        loss = CWMELBO() if isinstance(guide, AutoCWM) else Trace_ELBO()
+        loss = CWMELBO() if cwm_guides(guide) else Trace_ELBO()
     if optim is None:
         optim = pyro.optim.Adam({"lr": 1e-2})
 

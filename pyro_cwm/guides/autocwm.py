@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
@@ -14,17 +16,23 @@ from pyro.infer.autoguide.initialization import (
     InitMessenger,
     init_to_median,
     init_to_sample,
-    init_to_uniform,
 )
+from pyro.poutine.util import site_is_subsample
 
 from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
+from pyro_cwm.guides.isolation import outside_handlers
 from pyro_cwm.guides.laplace import (
     laplace_preconditioner,
     laplace_scales,
     log_joint_derivatives,
     newton_refine,
 )
-from pyro_cwm.guides.log_joint import max_plate_nesting, unconstrained_log_joint
+from pyro_cwm.guides.log_joint import (
+    max_plate_nesting,
+    structure_trace,
+    unconstrained_log_joint,
+    with_improper_fallback,
+)
 from pyro_cwm.nn.checks import check_positive_int
 from pyro_cwm.nn.cwm import CWM
 from pyro_cwm.nn.maps import PreconditionedMaps
@@ -35,25 +43,35 @@ def init_to_prior_sample(site: dict | None = None, radius: float = 2.0):
     unconstrained space where the prior cannot be sampled (improper priors)."""
     if site is None:
         return lambda site: init_to_prior_sample(site, radius)
-    try:
-        return init_to_sample(site)
-    except NotImplementedError:
-        return init_to_uniform(site, radius=radius)
+    return with_improper_fallback(init_to_sample, radius)(site)
 
 
-class _GuidePosterior(ClassifierWeightedMixture):
-    """The AutoCWM posterior as a guide site: refuses score-function ELBOs.
+def _is_enumerated(msg: dict) -> bool:
+    """A latent site that the ELBO sums out (``config_enumerate``): not AutoCWM's to guide."""
+    return (
+        msg["type"] == "sample"
+        and not msg["is_observed"]
+        and msg["infer"].get("enumerate") == "parallel"
+    )
 
-    Pyro's Trace_ELBO leaves the log-density of an auxiliary guide site out of the
-    score-function cost, so its gradient for this non-reparameterizable site is biased.
+
+class _ComponentChoice(dist.Categorical):
+    """The guide's component site: summed out under enumeration, refused by other ELBOs.
+
+    ``TraceEnum_ELBO`` enumerates it (its value then has the enumeration dimension left
+    of the batch dimensions) and weights every component's image by w_k(z): the exact,
+    Rao-Blackwellized estimator. A score-function ELBO such as ``Trace_ELBO`` would draw
+    the component and need its score function, whose variance this guide avoids by design.
     """
 
     def score_parts(self, value, *args, **kwargs):
-        raise TypeError(
-            "AutoCWM's posterior has a discrete component choice, and Trace_ELBO (or any "
-            "score-function ELBO) gives biased gradients for it: train AutoCWM with "
-            "inference.CWMELBO, which sums the choice out exactly"
-        )
+        if value.dim() <= len(self.batch_shape):
+            raise TypeError(
+                "AutoCWM's posterior has a discrete component choice; train it with "
+                "inference.CWMELBO or pyro.infer.TraceEnum_ELBO, which sum the choice out "
+                "exactly (Trace_ELBO and other score-function ELBOs would draw it)"
+            )
+        return super().score_parts(value, *args, **kwargs)
 
 
 class AutoCWM(AutoContinuous):
@@ -160,10 +178,62 @@ class AutoCWM(AutoContinuous):
             raise ValueError(f"laplace_floor must be a positive float, got {laplace_floor!r}")
         self._laplace_floor = float(laplace_floor)
         self._raw_model = model
-        super().__init__(model, init_loc_fn=init_loc_fn)
+        # Enumerated discrete sites are summed out by the ELBO, not guided.
+        super().__init__(
+            poutine.block(model, hide_fn=_is_enumerated),
+            init_loc_fn=with_improper_fallback(init_loc_fn),
+        )
 
     def _setup_prototype(self, *args, **kwargs) -> None:
-        super()._setup_prototype(*args, **kwargs)
+        # The first call may come from inside an ELBO's handlers (a vectorized particle
+        # plate, guide-side enumeration); the set-up runs the model on its own.
+        with outside_handlers():
+            self._check_sites(structure_trace(self.model, *args, **kwargs))
+            super()._setup_prototype(*args, **kwargs)
+            self._check_plates()
+            # The prototype hides observed sites; their plates count for the particle plate.
+            self.max_plate_nesting = max_plate_nesting(self._raw_model, *args, **kwargs)
+            self._initialize(args, kwargs)
+
+    def _check_sites(self, trace) -> None:
+        """One clear error for a site that AutoCWM cannot guide or data it cannot use."""
+        latent = 0
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if site["is_observed"]:
+                value = site["value"]
+                if torch.is_tensor(value) and value.is_floating_point() and value.isnan().any():
+                    raise ValueError(
+                        f"the observed site {name!r} contains NaN: drop the missing values, or "
+                        "model them (pyro.sample(..., obs_mask=...))"
+                    )
+                continue
+            support = site["fn"].support
+            try:
+                discrete = support.is_discrete
+                if not discrete:
+                    biject_to(support)
+            except NotImplementedError:
+                raise ValueError(
+                    f"AutoCWM cannot guide the site {name!r}: its support {support} has no "
+                    "bijection to unconstrained space"
+                ) from None
+            if discrete:
+                raise ValueError(
+                    f"AutoCWM cannot guide the discrete site {name!r}: mark it for parallel "
+                    "enumeration (pyro.infer.config_enumerate, or infer={'enumerate': "
+                    "'parallel'}) so that CWMELBO or TraceEnum_ELBO sums it out, or hide it "
+                    "from AutoCWM with poutine.block and guide it otherwise"
+                )
+            latent += 1
+        if not latent:
+            raise ValueError(
+                "AutoCWM: the model has no continuous latent site to guide (enumerated and "
+                "observed sites are not guided)"
+            )
+
+    def _check_plates(self) -> None:
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             for frame in site["cond_indep_stack"]:
                 if (
@@ -173,22 +243,35 @@ class AutoCWM(AutoContinuous):
                 ):
                     raise ValueError(
                         f"AutoCWM cannot guide site {name!r}, which lies in the subsampled plate "
-                        f"{frame.name!r}: put the global sites in AutoCWM and the local ones in "
-                        "an AutoNormal, combined in an AutoGuideList (block the local sites "
-                        "from AutoCWM with poutine.block)"
+                        f"{frame.name!r}: guide the global sites with AutoCWM and the local ones "
+                        "with AutoNormal (or AutoDelta), combined in an AutoGuideList: "
+                        "guide.append(AutoCWM(poutine.block(model, expose=[global sites]))) "
+                        "and guide.append(AutoNormal(poutine.block(model, hide=[global "
+                        "sites]))); then train with CWMELBO or TraceEnum_ELBO"
                     )
-        # The prototype hides observed sites; their plates count for the particle plate.
-        self.max_plate_nesting = max_plate_nesting(self._raw_model, *args, **kwargs)
-        starts = torch.stack(
-            [self._init_loc()]
-            + [self._spread_loc(args, kwargs) for _ in range(self._num_starts - 1)]
-        )
-        starts, log_p = self._climb(starts, args, kwargs)
-        use_laplace = self._laplace and self.latent_dim <= self._laplace_max_dim
-        if use_laplace:
-            starts, log_p = self._refine_best(starts, log_p, args, kwargs)
-        locs = self._select_starts(starts, log_p)
-        eye = torch.eye(self.latent_dim, dtype=locs.dtype, device=locs.device)
+
+    def _initialize(self, args: tuple, kwargs: dict) -> None:
+        """Create the CWM, its components spread over the modes found by the start."""
+        dim = self.latent_dim
+        locs, use_laplace = None, False
+        # In an AutoGuideList the other parts' sites would be drawn from their priors when
+        # the model runs at AutoCWM's sites alone: its density is not the one to climb.
+        if self.master is None:
+            try:
+                locs, use_laplace = self._model_start(args, kwargs)
+            except (RuntimeError, ValueError) as error:
+                warnings.warn(
+                    "AutoCWM: the start could not run the model at AutoCWM's sites alone "
+                    f"({type(error).__name__}: {error}); the components start at "
+                    "init_loc_fn's point",
+                    stacklevel=2,
+                )
+        if locs is None:
+            # No density to climb: every component starts near init_loc_fn's point.
+            loc = self._init_loc()
+            locs = loc + self._init_scale * torch.randn(self.num_components, dim).to(loc)
+            locs[0] = loc
+        eye = torch.eye(dim, dtype=locs.dtype, device=locs.device)
         shift, matrix = torch.zeros_like(locs[0]), eye
         scales = torch.full_like(locs, self._init_scale)
         if use_laplace:
@@ -196,7 +279,7 @@ class AutoCWM(AutoContinuous):
             if laplace is not None:
                 shift, (matrix, scales) = locs[0], laplace
         self.cwm = CWM(
-            self.latent_dim,
+            dim,
             self.num_components,
             hidden_dims=self._hidden_dims,
             map=self._map,
@@ -205,6 +288,18 @@ class AutoCWM(AutoContinuous):
         self.preconditioned_maps = PreconditionedMaps(self.cwm.maps, shift, matrix)
         weights = torch.full((self.num_components,), 1.0 / self.num_components)
         self.cwm.set_gaussian_mixture(weights, self.preconditioned_maps.to_inner(locs), scales)
+
+    def _model_start(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
+        """Component locations from starts climbed up the model's log density."""
+        starts = torch.stack(
+            [self._init_loc()]
+            + [self._spread_loc(args, kwargs) for _ in range(self._num_starts - 1)]
+        )
+        starts, log_p = self._climb(starts, args, kwargs)
+        use_laplace = self._laplace and self.latent_dim <= self._laplace_max_dim
+        if use_laplace:
+            starts, log_p = self._refine_best(starts, log_p, args, kwargs)
+        return self._select_starts(starts, log_p), use_laplace
 
     def _laplace_start(self, locs: torch.Tensor, args: tuple, kwargs: dict):
         """The preconditioner and the component scales from the curvature at the starts.
@@ -301,12 +396,42 @@ class AutoCWM(AutoContinuous):
         return locs
 
     def sample_latent(self, *args, **kwargs) -> torch.Tensor:
-        """Draw the packed latent vector at the auxiliary site ``_{name}_latent``."""
+        """Draw the packed latent vector through three auxiliary sites.
+
+        ``_{name}_base``: z ~ N(0, I) (reparameterized); ``_{name}_component``: k ~
+        Categorical(w(z)), marked for parallel enumeration; ``_{name}_latent``: the image
+        u = T_k(z) as a Delta whose log-density makes the three sites' total
+        ``log q_CWM(u)``. Under ``TraceEnum_ELBO`` (or [`CWMELBO`][inference.CWMELBO])
+        the component is enumerated: u holds all K images along the enumeration
+        dimension, and the ELBO weights each by w_k(z), the Rao-Blackwellized estimator.
+        Otherwise (``Predictive``, plain sampling) one component is drawn.
+        """
         posterior = self.get_posterior(*args, **kwargs)
-        guide_site = _GuidePosterior(
-            posterior.reference, posterior.maps, posterior.classifier, posterior.context
+        name = self._pyro_name
+        z = pyro.sample(f"_{name}_base", posterior.reference, infer={"is_auxiliary": True})
+        images, log_w = posterior.maps(z), posterior.classifier(z)  # (*b, K, d), (*b, K)
+        k = pyro.sample(
+            f"_{name}_component",
+            _ComponentChoice(logits=log_w),
+            infer={"enumerate": "parallel", "is_auxiliary": True},
         )
-        return pyro.sample(f"_{self._pyro_name}_latent", guide_site, infer={"is_auxiliary": True})
+        batch_dims = log_w.dim() - 1
+        if k.dim() > batch_dims:  # enumerated: k = arange(K) along a dimension left of z's
+            pad = (1,) * (k.dim() - 1 - batch_dims)
+            latent = images.movedim(-2, 0).reshape(
+                images.shape[-2:-1] + pad + images.shape[:-2] + images.shape[-1:]
+            )
+            log_w_k = log_w.movedim(-1, 0).reshape(log_w.shape[-1:] + pad + log_w.shape[:-1])
+        else:
+            index = k[..., None, None].expand(*k.shape, 1, images.shape[-1])
+            latent = images.gather(-2, index).squeeze(-2)
+            log_w_k = log_w.gather(-1, k[..., None]).squeeze(-1)
+        log_density = posterior.log_prob(latent) - posterior.reference.log_prob(z) - log_w_k
+        return pyro.sample(
+            f"_{name}_latent",
+            dist.Delta(latent, log_density=log_density, event_dim=1),
+            infer={"is_auxiliary": True},
+        )
 
     def get_posterior(self, *args, **kwargs) -> ClassifierWeightedMixture:
         """The CWM over the unconstrained latent vector (event shape (latent_dim,)).

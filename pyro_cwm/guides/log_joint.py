@@ -2,19 +2,66 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from pyro.ops import packed as packed_ops
+from pyro.ops.contract import contract_to_tensor
 from torch import Tensor
+
+
+def init_without_sampling(site: dict | None = None, radius: float = 0.0):
+    """A feasible value of a latent site, found without sampling its distribution.
+
+    The unconstrained value is uniform in (-radius, radius) (``radius=0``: zero), mapped
+    into the support. It serves improper priors (``ImproperUniform``), which cannot be
+    sampled, and is used where a sampling initialization raises ``NotImplementedError``.
+    """
+    if site is None:
+        return lambda site: init_without_sampling(site, radius)
+    fn = site["fn"]
+    transform = biject_to(fn.support)
+    shape = transform.inverse_shape(fn.shape())
+    unconstrained = torch.rand(shape) * 2 * radius - radius
+    return transform(unconstrained)
+
+
+def with_improper_fallback(init_fn, radius: float = 0.0):
+    """``init_fn``, falling back to ``init_without_sampling(site, radius)`` where it raises
+    ``NotImplementedError`` (a distribution that cannot be sampled)."""
+
+    def init(site):
+        try:
+            return init_fn(site)
+        except NotImplementedError:
+            pass
+        try:
+            return init_without_sampling(site, radius)
+        except NotImplementedError:  # no bijection either: AutoCWM's check names the site
+            return site["fn"].sample().detach()
+
+    return init
 
 
 def structure_trace(model, *args, **kwargs):
     """One trace of ``model`` for its structure: latent sites at feasible values, so that
     models with improper priors (which cannot be sampled) can be traced too."""
-    model = InitMessenger(init_to_feasible)(model)
+    continuous = with_improper_fallback(init_to_feasible)
+
+    def init(site):
+        try:
+            if not site["fn"].support.is_discrete:
+                return continuous(site)
+        except NotImplementedError:  # a support without a bijection: AutoCWM names it
+            pass
+        return site["fn"].sample().detach()
+
+    model = InitMessenger(init)(model)
     return poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
 
 
@@ -51,7 +98,8 @@ def unconstrained_log_joint(model, guide, latent: Tensor, *args, **kwargs) -> Te
     N points are evaluated in one run of the model under a particle plate left of the
     model's plates. The log-Jacobian of the maps from ``u`` to the constrained sites is
     included, so this is the density that the guide's unconstrained distribution
-    approximates (up to the evidence).
+    approximates (up to the evidence). Discrete sites marked for parallel enumeration
+    (``config_enumerate``) are summed out exactly, as ``TraceEnum_ELBO`` sums them.
     """
     num = latent.shape[0]
     nesting = guide.max_plate_nesting
@@ -66,10 +114,50 @@ def unconstrained_log_joint(model, guide, latent: Tensor, *args, **kwargs) -> Te
         log_det = log_det + per_particle(ladj, num, nesting)
         values[site["name"]] = value
     with pyro.plate("_cwm_particles", num, dim=-(nesting + 1)):
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        conditioned = poutine.condition(model, data=values)
+        enumerated = poutine.enum(conditioned, first_available_dim=-(nesting + 2))
+        trace = poutine.trace(enumerated).get_trace(*args, **kwargs)
     trace.compute_log_prob()
-    log_p = log_det
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            log_p = log_p + per_particle(site["log_prob"], num, nesting)
-    return log_p
+    return log_det + _sum_out_enumerated(trace, num, nesting, "_cwm_particles")
+
+
+def _sum_out_enumerated(trace, num: int, nesting: int, particles: str) -> Tensor:
+    """The trace's log density per particle (num,), enumerated discrete sites summed out.
+
+    Without enumerated sites this is the plain sum of the sites' log densities. With them
+    (``config_enumerate``), the terms that depend on an enumerated value are contracted as
+    ``TraceEnum_ELBO`` contracts them (sum over the values, product over plates); their
+    mask goes inside and the subsampling scale outside the log of the sum.
+    """
+    sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
+    enumerated = [site for site in sites if site["infer"].get("_enumerate_dim") is not None]
+    if not enumerated:
+        terms = [per_particle(site["log_prob"], num, nesting) for site in sites]
+        return sum(terms[1:], terms[0]) if terms else torch.zeros(num)
+    trace.pack_tensors()
+    plate_symbols = set(trace.plate_to_symbol.values())
+    enum_dims = set().union(*(site["packed"]["log_prob"]._pyro_dims for site in enumerated))
+    enum_dims -= plate_symbols
+    total, factors, scales = 0.0, OrderedDict(), set()
+    symbol = trace.plate_to_symbol
+    for site in sites:
+        ordinal = frozenset(symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+        packed = site["packed"]
+        is_enumerated = site["infer"].get("_enumerate_dim") is not None
+        if is_enumerated or not enum_dims.isdisjoint(packed["log_prob"]._pyro_dims):
+            factor = packed_ops.scale_and_mask(packed["unscaled_log_prob"], mask=packed["mask"])
+            factors.setdefault(ordinal, []).append(factor)
+            scales.add(float(site["scale"]))
+        else:
+            total = total + per_particle(site["log_prob"], num, nesting)
+    if len(scales) > 1:
+        raise ValueError(
+            "the sites that depend on an enumerated site have different subsampling scales "
+            f"{sorted(scales)}: put them in the same subsampled plates"
+        )
+    # A particle plate of size one is packed away: then the result has no particle dim.
+    used = set().union(*(f._pyro_dims for terms in factors.values() for f in terms))
+    target = frozenset({symbol[particles]}) & frozenset(used)
+    marginal = contract_to_tensor(factors, enum_dims, target_ordinal=target)
+    marginal = marginal.reshape(-1).expand(num) if marginal.numel() == 1 else marginal
+    return total + scales.pop() * marginal.reshape(num)

@@ -1,0 +1,229 @@
+"""AutoCWM on Pyro models written the usual way: TraceEnum_ELBO, enumerated mixtures,
+guide lists with subsampled local latents, improper priors and bad input."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, config_enumerate, infer_discrete
+from pyro.infer.autoguide import AutoGuideList, AutoNormal
+from pyro.ops.indexing import Vindex
+
+from inference import CWMELBO, fit_svi
+from pyro_cwm.guides import AutoCWM
+
+PRIOR_SCALE = 5.0
+
+
+def two_cluster_data():
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(100, generator=generator)
+    return torch.cat([draws[:50] - 2, draws[50:] + 2])
+
+
+@config_enumerate
+def mixture(data):
+    """Equal weights fixed, the two means latent: the textbook label-switching posterior."""
+    locs = pyro.sample("locs", dist.Normal(0.0, PRIOR_SCALE).expand([2]).to_event(1))
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+        pyro.sample("x", dist.Normal(Vindex(locs)[..., z], 1.0), obs=data)
+
+
+def mixture_log_joint(locs, data):
+    """log p(locs, data) at locs (..., 2), the assignments summed out by hand."""
+    prior = dist.Normal(0.0, PRIOR_SCALE).log_prob(locs).sum(-1)
+    terms = dist.Normal(locs[..., None, :], 1.0).log_prob(data[:, None]) - math.log(2)
+    return prior + terms.logsumexp(-1).sum(-1)
+
+
+def quadrature_log_evidence(data, half_width=6.0, num=401):
+    grid = torch.linspace(-half_width, half_width, num, dtype=torch.float64)
+    locs = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
+    log_p = mixture_log_joint(locs, data.double())
+    return (log_p.logsumexp((0, 1)) + 2 * math.log(grid[1] - grid[0])).item()
+
+
+def kl_and_share(guide, data, num_samples=20_000):
+    """KL(q || p) against the quadrature evidence, and q's mass on locs[0] < locs[1]."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        posterior = guide.get_posterior()
+        u = posterior.sample((num_samples,))
+        log_q = posterior.log_prob(u).double()
+    log_p = mixture_log_joint(u.double(), data.double())
+    kl = (log_q - log_p).mean() + quadrature_log_evidence(data)
+    return kl.item(), (u[:, 0] < u[:, 1]).float().mean().item()
+
+
+def test_model_log_joint_sums_out_the_enumerated_assignments():
+    data = two_cluster_data()
+    guide = AutoCWM(mixture, num_components=2, start_steps=0, laplace=False)
+    guide(data)
+    from pyro_cwm.guides.log_joint import unconstrained_log_joint
+
+    u = torch.randn(5, 2) * 3
+    got = unconstrained_log_joint(mixture, guide, u, data)
+    assert torch.allclose(got, mixture_log_joint(u, data), rtol=1e-5)
+
+
+def test_trace_enum_elbo_and_cwmelbo_agree_on_the_same_draws():
+    data = two_cluster_data().double()
+    torch.set_default_dtype(torch.float64)
+    try:
+        guide = AutoCWM(mixture, num_components=3, hidden_dims=(8,))
+        guide(data)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for p in guide.cwm.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        params = list(guide.cwm.parameters())
+        values, grads = [], []
+        for elbo in (
+            CWMELBO(num_particles=7),
+            TraceEnum_ELBO(num_particles=7, vectorize_particles=True, max_plate_nesting=1),
+        ):
+            torch.manual_seed(11)
+            loss = elbo.differentiable_loss(mixture, guide, data)
+            values.append(loss.item())
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert abs(values[0] - values[1]) < 1e-5 * abs(values[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-8)
+    assert grads[0].abs().max() > 1e-2  # not vacuous
+
+
+@pytest.mark.parametrize("loss", ["trace_enum", "cwmelbo"])
+def test_enumerated_mixture_covers_both_label_permutations(loss):
+    data = two_cluster_data()
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(mixture, num_components=4)
+    elbo = (
+        TraceEnum_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+        if loss == "trace_enum"
+        else CWMELBO(num_particles=4)
+    )
+    fit_svi(mixture, guide, data, loss=elbo, num_steps=300, progress=False)
+    kl, share = kl_and_share(guide, data)
+    assert kl <= 0.05
+    assert 0.4 <= share <= 0.6
+
+
+def test_autonormal_holds_one_permutation_for_contrast():
+    data = two_cluster_data()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(poutine.block(mixture, hide=["z"]))
+    elbo = TraceEnum_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    fit_svi(mixture, guide, data, loss=elbo, num_steps=600, progress=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        draws = Predictive(mixture, guide=guide, num_samples=4000, return_sites=["locs"])(data)
+    share = (draws["locs"][:, 0, 0] < draws["locs"][:, 0, 1]).float().mean().item()
+    assert share in (0.0, 1.0)
+
+
+def test_predictive_and_infer_discrete_on_the_enumerated_mixture():
+    data = two_cluster_data()
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(mixture, num_components=2)
+    fit_svi(mixture, guide, data, num_steps=50, progress=False)
+    samples = Predictive(mixture, guide=guide, num_samples=10, return_sites=["locs"])(data)
+    assert samples["locs"].shape == (10, 1, 2)
+    guide_trace = poutine.trace(guide).get_trace(data)
+    classify = infer_discrete(
+        poutine.replay(mixture, trace=guide_trace), first_available_dim=-2, temperature=0
+    )
+    z = poutine.trace(classify).get_trace(data).nodes["z"]["value"]
+    locs = guide_trace.nodes["locs"]["value"]
+    # The MAP assignment of each point is the nearer mean.
+    nearer = (data[:, None] - locs).abs().argmin(-1)
+    assert torch.equal(z, nearer)
+
+
+def hierarchical(y, sigma, subsample_size=50):
+    """y_j ~ N(theta_j, sigma_j), theta_j ~ N(mu, 1), mu ~ N(0, 10^2): groups subsampled."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("groups", len(y), subsample_size=subsample_size) as idx:
+        theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(theta, sigma[idx]), obs=y[idx])
+
+
+def test_guide_list_with_local_latents_in_a_subsampled_plate():
+    generator = torch.Generator().manual_seed(3)
+    sigma = 0.5 + torch.rand(200, generator=generator)
+    y = 1.5 + torch.randn(200, generator=generator) + sigma * torch.randn(200, generator=generator)
+    # The conjugate answer: y_j ~ N(mu, 1 + sigma_j^2) marginally.
+    precision = 1 / 100 + (1 / (1 + sigma**2)).sum()
+    exact_mean = ((y / (1 + sigma**2)).sum() / precision).item()
+    exact_sd = precision.rsqrt().item()
+    pyro.set_rng_seed(0)
+    guide = AutoGuideList(hierarchical)
+    guide.append(AutoCWM(poutine.block(hierarchical, expose=["mu"]), num_components=2))
+    guide.append(AutoNormal(poutine.block(hierarchical, hide=["mu"])))
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.01 ** (1 / 1500)})
+    fit_svi(hierarchical, guide, y, sigma, num_steps=1500, optim=optim, progress=False)
+    torch.manual_seed(1)
+    draws = guide[0].get_posterior().sample((20_000,))[:, 0]
+    assert abs(draws.mean().item() - exact_mean) < 0.2 * exact_sd
+    predictive = Predictive(hierarchical, guide=guide, num_samples=5, return_sites=["mu", "theta"])
+    samples = predictive(y, sigma)
+    assert samples["mu"].shape == (5, 1) and samples["theta"].shape == (5, 50)
+
+
+def test_trace_elbo_is_still_refused():
+    data = two_cluster_data()
+    guide = AutoCWM(poutine.block(mixture, hide=["z"]), num_components=2)
+    svi = SVI(mixture, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    with pytest.raises(TypeError, match="TraceEnum_ELBO"):
+        svi.step(data)
+
+
+def test_an_improper_prior_works():
+    def model():
+        x = pyro.sample("x", dist.ImproperUniform(dist.constraints.positive, (), (2,)))
+        pyro.factor("density", dist.LogNormal(0.0, 0.5).log_prob(x).sum(-1))
+
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(model, num_components=2)
+    fit_svi(model, guide, num_steps=300, progress=False)
+    draws = Predictive(guide, num_samples=4000)()["x"]  # the model itself cannot be sampled
+    assert (draws > 0).all()
+    assert torch.allclose(draws.log().mean(0), torch.zeros(2), atol=0.05)
+
+
+def test_bad_models_give_one_clear_error_naming_the_site():
+    def no_latent(data):
+        pyro.sample("obs", dist.Normal(0.0, 1.0), obs=data)
+
+    def discrete_not_enumerated(data):
+        k = pyro.sample("k", dist.Bernoulli(0.5))
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(loc + k, 1.0), obs=data)
+
+    def nan_data(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+
+    data = torch.tensor(0.5)
+    with pytest.raises(ValueError, match="no continuous latent site"):
+        AutoCWM(no_latent)(data)
+    with pytest.raises(ValueError, match="discrete site 'k'"):
+        AutoCWM(discrete_not_enumerated)(data)
+    with pytest.raises(ValueError, match="observed site 'obs' contains NaN"):
+        AutoCWM(nan_data)(torch.tensor([0.0, float("nan")]))
+
+
+def test_a_support_without_a_bijection_is_named():
+    class Weird(dist.Normal):
+        support = dist.constraints.dependent
+
+    def model():
+        pyro.sample("w", Weird(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'w'"):
+        AutoCWM(model)()

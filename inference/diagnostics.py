@@ -11,7 +11,7 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
-from pyro_cwm.guides.log_joint import max_plate_nesting, per_particle
+from pyro_cwm.guides.log_joint import max_plate_nesting, per_particle, sum_out_enumerated
 
 
 @dataclass
@@ -45,16 +45,19 @@ def log_importance_weights(model, guide, *args, num_samples: int = 1000, **kwarg
     nesting = max_plate_nesting(model, *args, **kwargs)
     with torch.no_grad(), pyro.plate("_psis_particles", num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
+        # Discrete sites marked for enumeration are summed out of the model's density.
+        replayed = poutine.enum(
+            poutine.replay(model, trace=guide_trace), first_available_dim=-(nesting + 2)
         )
-        total = torch.zeros(num_samples)
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            trace.compute_log_prob()
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    term = per_particle(site["log_prob"], num_samples, nesting)
-                    total = total.to(term) + sign * term
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+        model_trace.compute_log_prob()
+        total = sum_out_enumerated(model_trace, num_samples, nesting, "_psis_particles")
+        guide_trace.compute_log_prob()
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample":
+                total = total.to(site["log_prob"]) - per_particle(
+                    site["log_prob"], num_samples, nesting
+                )
     return total
 
 

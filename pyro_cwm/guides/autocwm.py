@@ -80,10 +80,24 @@ class AutoCWM(AutoContinuous):
     Like ``AutoMultivariateNormal`` it packs the model's latent sites into one unconstrained
     vector; the posterior of that vector is a
     [`ClassifierWeightedMixture`][pyro_cwm.distributions.ClassifierWeightedMixture] with
-    ``num_components`` components. Fit it with [`CWMELBO`][inference.CWMELBO], which sums
-    the component choice out exactly; score-function ELBOs such as ``Trace_ELBO`` raise a
-    TypeError that says so (Pyro's estimator would be biased for this auxiliary,
-    non-reparameterized site).
+    ``num_components`` components. Fit it with [`CWMELBO`][inference.CWMELBO] or Pyro's
+    ``TraceEnum_ELBO``: the component choice is a guide site marked for parallel
+    enumeration (see [`sample_latent`][pyro_cwm.guides.AutoCWM.sample_latent]), so both
+    sum it out exactly; score-function ELBOs such as ``Trace_ELBO`` raise a TypeError that
+    says so (they would draw it).
+
+    Models written the usual way work as they are:
+
+    - discrete sites marked for enumeration (``config_enumerate``) are not guided: the
+      ELBO sums them out, and so does the start below (a Bayesian mixture's assignments);
+    - latent sites in a subsampled plate belong to another autoguide: put AutoCWM on the
+      global sites (``poutine.block(model, expose=[...])``) and ``AutoNormal`` or
+      ``AutoDelta`` on the local ones (``poutine.block(model, hide=[...])``) in an
+      ``AutoGuideList``, and train with CWMELBO or TraceEnum_ELBO. Inside a guide list
+      the start cannot evaluate the model's density at AutoCWM's sites alone, so the
+      components start near ``init_loc_fn``'s point;
+    - improper priors (``ImproperUniform`` with a ``pyro.factor``) start from a point in
+      their support without sampling them.
 
     Initialization spreads the components so that they do not start on one mode (reverse KL
     cannot move a component to a mode it does not start near, and one that loses its weight
@@ -136,11 +150,11 @@ class AutoCWM(AutoContinuous):
         laplace_floor: narrowest width of a principal axis of the preconditioner (> 0).
 
     Raises:
-        ValueError: for K < 1, ``init_scale <= 0``, ``laplace_floor <= 0``, or (at the
-            first call) a latent site inside a subsampled plate, which a joint guide
-            cannot cover: use an
-            ``AutoGuideList`` with AutoCWM on the global sites and
-            ``AutoNormal`` on the local ones.
+        ValueError: for K < 1, ``init_scale <= 0``, ``laplace_floor <= 0``, and at the
+            first call, naming the site: a latent site inside a subsampled plate (see the
+            guide-list pattern above), a discrete site that is not enumerated, a support
+            without a bijection to unconstrained space, an observed site with NaN, or a
+            model without continuous latent sites.
     """
 
     def __init__(

@@ -118,10 +118,10 @@ def unconstrained_log_joint(model, guide, latent: Tensor, *args, **kwargs) -> Te
         enumerated = poutine.enum(conditioned, first_available_dim=-(nesting + 2))
         trace = poutine.trace(enumerated).get_trace(*args, **kwargs)
     trace.compute_log_prob()
-    return log_det + _sum_out_enumerated(trace, num, nesting, "_cwm_particles")
+    return log_det + sum_out_enumerated(trace, num, nesting, "_cwm_particles")
 
 
-def _sum_out_enumerated(trace, num: int, nesting: int, particles: str) -> Tensor:
+def sum_out_enumerated(trace, num: int, nesting: int, particles: str) -> Tensor:
     """The trace's log density per particle (num,), enumerated discrete sites summed out.
 
     Without enumerated sites this is the plain sum of the sites' log densities. With them

@@ -12,7 +12,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, config_enume
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 from pyro.ops.indexing import Vindex
 
-from inference import CWMELBO, fit_svi
+from inference import CWMELBO, fit_svi, psis_diagnostic
 from pyro_cwm.guides import AutoCWM
 
 PRIOR_SCALE = 5.0
@@ -111,6 +111,11 @@ def test_enumerated_mixture_covers_both_label_permutations(loss):
     kl, share = kl_and_share(guide, data)
     assert kl <= 0.05
     assert 0.4 <= share <= 0.6
+    if loss == "cwmelbo":
+        # PSIS sums the enumerated assignments out of the model's density too.
+        diagnostic = psis_diagnostic(mixture, guide, data, num_samples=4000)
+        assert abs(diagnostic.log_z - quadrature_log_evidence(data)) < 0.02
+        assert diagnostic.k_hat < 0.5
 
 
 def test_autonormal_holds_one_permutation_for_contrast():

@@ -41,6 +41,40 @@ def _buffer_values(guide) -> dict[str, torch.Tensor]:
     return {name: b.detach().clone() for name, b in guide.named_buffers()}
 
 
+INITIAL_LR, FINAL_LR = 1e-2, 1e-3
+
+
+def _reschedule(optim_state: dict, remaining: int) -> dict:
+    """The default optimizer's state, its decay set to reach FINAL_LR in ``remaining`` steps.
+
+    A resumed run with the same ``num_steps`` gets its own schedule back; one resumed with
+    more steps (training extended) decays from where it is to the same final step size.
+    """
+    if remaining <= 0:
+        return optim_state
+    for param_state in optim_state.values():
+        for group in param_state.get("param_groups", []):
+            if "lrd" in group:
+                group["lrd"] = (FINAL_LR / group["lr"]) ** (1 / remaining)
+    return optim_state
+
+
+def _drifted(history: dict, smoothing: float) -> bool:
+    """Whether the final smoothed loss is worse than the best by more than its noise.
+
+    The smoothed loss is a moving average of noisy estimates (minibatches, few particles);
+    its minimum over a long run lies 2 to 4 noise units below its typical value by chance
+    alone, and the parameters there are no better than the last ones. So the loss must
+    have risen by more than five times the noise of the average (the loss's sd over the
+    last steps times sqrt((1 - s) / (1 + s))).
+    """
+    if history["best_step"] == history["steps"] - 1:
+        return False
+    window = torch.tensor(history["loss"][-max(20, round(5 / (1 - smoothing))) :])
+    noise = window.std().item() * math.sqrt((1 - smoothing) / (1 + smoothing))
+    return history["smoothed_loss"][-1] - history["best_smoothed_loss"] > 5 * noise
+
+
 def fit_svi(
     model,
     guide,
@@ -53,6 +87,7 @@ def fit_svi(
     patience: int | None = None,
     smoothing: float = 0.95,
     min_delta: float = 0.0,
+    keep_best: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
@@ -67,22 +102,36 @@ def fit_svi(
             guide with AutoCWM parts (an AutoCWM, or an ``AutoGuideList`` holding one),
             ``Trace_ELBO`` otherwise.
         num_steps: maximum number of steps.
-        optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": 1e-2})``. A learning-rate
-            schedule (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is
-            stepped once per SVI step.
+        optim: a Pyro optimizer. The default, ``pyro.optim.ClippedAdam`` with step size
+            0.01 decaying exponentially to 0.001 at ``num_steps`` (and gradient norms
+            clipped at 10), lets the fit settle: a constant step size leaves the
+            parameters jittering around the optimum at a distance set by the step size,
+            which on a tight posterior is many posterior sds. A longer run decays more
+            slowly and ends at the same small step. A learning-rate schedule
+            (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is stepped once
+            per SVI step.
         device: move tensor arguments there (e.g. ``"cuda"``); by default they stay where
             they are, and parameters are created where the model's data are.
         progress: show a tqdm bar with the running loss.
-        patience: stop when the exponentially smoothed loss has not improved by
-            ``min_delta`` for this many steps (None: never stop early).
-        smoothing: weight of the past in the smoothed loss (0 <= smoothing < 1).
+        patience: stop when the smoothed loss has not improved by ``min_delta`` for this
+            many steps (None: never stop early).
+        smoothing: weight of the past in the smoothed loss, an exponential moving average
+            with bias correction (0 <= smoothing < 1).
+        min_delta: the improvement of the smoothed loss that counts for ``patience``.
+        keep_best: at the end, restore the parameters of the step with the best smoothed
+            loss (counted from step ``1 / (1 - smoothing)`` on, once the average has
+            enough terms) when the final smoothed loss is worse by more than five times
+            its noise: a run that drifts ends no worse than its best, and a merely noisy
+            one keeps its last parameters.
         checkpoint: path of a checkpoint (parameters, the guide's buffers, optimizer state,
-            RNG state and history) written every ``checkpoint_every`` steps and at the end; with
-            ``resume``, an existing checkpoint is continued.
+            RNG state and history) written every ``checkpoint_every`` steps and at the end
+            (before the best parameters are restored); with ``resume``, an existing
+            checkpoint is continued.
 
     Returns:
         ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool,
-        "time_s": seconds}``.
+        "time_s": seconds, "best_step": step, "best_smoothed_loss": value,
+        "restored_best": bool}``.
 
     Raises:
         FloatingPointError: when the loss or a gradient is not finite; the parameters are
@@ -97,8 +146,10 @@ def fit_svi(
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
     if loss is None:
         loss = CWMELBO() if cwm_guides(guide) else Trace_ELBO()
-    if optim is None:
-        optim = pyro.optim.Adam({"lr": 1e-2})
+    default_optim = optim is None
+    if default_optim:
+        decay = (FINAL_LR / INITIAL_LR) ** (1 / num_steps)
+        optim = pyro.optim.ClippedAdam({"lr": INITIAL_LR, "lrd": decay, "clip_norm": 10.0})
 
     history: dict[str, Any] = {
         "loss": [],
@@ -108,7 +159,9 @@ def fit_svi(
         "time_s": 0.0,
         "best_smoothed_loss": math.inf,
         "best_step": 0,
+        "restored_best": False,
     }
+    best_params: dict[str, torch.Tensor] = {}
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         state = load_checkpoint(checkpoint)
         loss.loss(model, guide, *args, **kwargs)  # creates every parameter
@@ -120,9 +173,13 @@ def fit_svi(
             for name, value in state.get("buffers", {}).items():
                 if name in buffers:
                     buffers[name].copy_(value)
-        optim.set_state(state["optim"])
+        optim_state = state["optim"]
+        if default_optim:
+            optim_state = _reschedule(optim_state, num_steps - state["history"]["steps"])
+        optim.set_state(optim_state)
         torch.set_rng_state(state["rng"])
         history = state["history"]
+        best_params = state.get("best_params", {})
     if hasattr(loss, "step"):
         loss.step = history["steps"]  # schedules in the loss (CWMELBO's warm-up) resume too
 
@@ -135,9 +192,11 @@ def fit_svi(
                 "optim": optim.get_state(),
                 "rng": torch.get_rng_state(),
                 "history": history,
+                "best_params": best_params,
             },
         )
 
+    burn_in = math.ceil(1 / (1 - smoothing)) if smoothing > 0 else 0
     started = time.perf_counter() - history["time_s"]
     bar = tqdm(
         range(history["steps"], num_steps),
@@ -164,13 +223,18 @@ def fit_svi(
         if isinstance(optim, pyro.optim.PyroLRScheduler):
             optim.step()
         zero_grads(params)
-        previous = history["smoothed_loss"][-1] if history["smoothed_loss"] else value
-        smoothed = smoothing * previous + (1 - smoothing) * value
+        # Bias-corrected moving average: early values are not pulled toward the first loss.
+        previous = history["smoothed_loss"][-1] * (1 - smoothing**step) if step else 0.0
+        smoothed = (smoothing * previous + (1 - smoothing) * value) / (1 - smoothing ** (step + 1))
         history["loss"].append(value)
         history["smoothed_loss"].append(smoothed)
         history["steps"] = step + 1
-        if smoothed < history["best_smoothed_loss"] - min_delta:
+        if step < burn_in:
+            history["best_step"] = step
+        elif smoothed < history["best_smoothed_loss"] - min_delta:
             history["best_smoothed_loss"], history["best_step"] = smoothed, step
+            if keep_best:
+                best_params = _param_values()
         elif patience is not None and step - history["best_step"] >= patience:
             history["stopped_early"] = True
         bar.set_postfix(loss=f"{smoothed:.4g}")
@@ -181,4 +245,10 @@ def fit_svi(
     history["time_s"] = time.perf_counter() - started
     if checkpoint is not None:
         save()
+    if keep_best and best_params and _drifted(history, smoothing):
+        with torch.no_grad():
+            for name, param in pyro.get_param_store().named_parameters():
+                if name in best_params:
+                    param.copy_(best_params[name])
+        history["restored_best"] = True
     return history

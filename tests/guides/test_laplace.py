@@ -112,3 +112,52 @@ def test_bad_laplace_options():
         AutoCWM(gaussian_model, laplace_floor=0.0)
     with pytest.raises(ValueError, match="newton_steps"):
         AutoCWM(gaussian_model, newton_steps=-1)
+
+
+def test_newton_converges_in_float32_where_the_log_density_is_large():
+    # A regression on 10^4 points: log p ~ 1e4, whose float32 rounding (1e-3 nats) is far
+    # above the float64 tolerance; the mode must still be recognized.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(10_000, 3, generator=generator) + torch.tensor([2.0, -1.0, 0.5])
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(10_000, generator=generator)
+
+    def log_joint(beta):
+        return dist.Normal(beta @ x.T, 0.1).log_prob(y).sum(-1) - 0.5 * beta.pow(2).sum(-1)
+
+    mode, converged = newton_refine(log_joint, torch.zeros(3))
+    assert converged
+    x64, y64 = x.double(), y.double()
+    exact = torch.linalg.solve(x64.T @ x64 / 0.01 + torch.eye(3).double(), x64.T @ y64 / 0.01)
+    sd = torch.linalg.inv(x64.T @ x64 / 0.01 + torch.eye(3).double()).diagonal().sqrt()
+    assert ((mode.double() - exact) / sd).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autocwm_with_defaults_settles_on_a_tight_regression(dtype):
+    """Posterior sds 1e-3 of the prior's: means within 0.2 sd, sds within 20%, at 2000 steps."""
+    generator = torch.Generator().manual_seed(0)
+    n, sigma = 10_000, 0.1
+    x = torch.randn(n, 3, generator=generator, dtype=torch.float64) + torch.tensor(
+        [2.0, -1.0, 0.5], dtype=torch.float64
+    )
+    y = x @ torch.tensor([1.0, -2.0, 0.5]).double() + 1.0
+    y = y + sigma * torch.randn(n, generator=generator, dtype=torch.float64)
+    design = torch.cat([torch.ones(n, 1, dtype=torch.float64), x], 1)
+    covariance = torch.linalg.inv(torch.eye(4).double() + design.T @ design / sigma**2)
+    mean = covariance @ design.T @ y / sigma**2
+    sd = covariance.diagonal().sqrt()
+
+    def model(x, y):
+        intercept = pyro.sample("intercept", dist.Normal(torch.tensor(0.0, dtype=dtype), 1.0))
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(3, dtype=dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(intercept + (x * beta).sum(-1), sigma), obs=y)
+
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(model)
+    fit_svi(model, guide, x.to(dtype), y.to(dtype), num_steps=2000, progress=False)
+    torch.manual_seed(1)
+    draws = guide.get_posterior().sample((20_000,)).double()
+    assert ((draws.mean(0) - mean) / sd).abs().max() < 0.2
+    ratio = draws.std(0) / sd
+    assert ((ratio > 0.8) & (ratio < 1.25)).all()

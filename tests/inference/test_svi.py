@@ -42,36 +42,97 @@ def test_early_stopping_on_the_smoothed_loss():
     assert history["steps"] - 1 - history["best_step"] == 50
 
 
+class Interrupted(Exception):
+    pass
+
+
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
-    # The warm-up ends at step 15, after the resume at step 10: its counter resumes too.
-    def run(num_steps, **options):
+    # The warm-up ends at step 15, after the interruption at step 10: its counter resumes
+    # too, and so does the default step-size schedule.
+    class Interrupting(CWMELBO):
+        def __init__(self, after):
+            super().__init__(classifier_warmup=15)
+            self.after = after
+
+        def loss_and_grads(self, *args, **kwargs):
+            if self.step == self.after:
+                raise Interrupted
+            return super().loss_and_grads(*args, **kwargs)
+
+    def run(after=None, **options):
         guide = AutoCWM(eight_schools, num_components=2)
+        loss = Interrupting(after) if after else CWMELBO(classifier_warmup=15)
         return fit_svi(
-            eight_schools,
-            guide,
-            Y,
-            SIGMA,
-            num_steps=num_steps,
-            progress=False,
-            loss=CWMELBO(classifier_warmup=15),
-            **options,
+            eight_schools, guide, Y, SIGMA, num_steps=20, progress=False, loss=loss, **options
         )
 
     pyro.set_rng_seed(0)
-    run(20)
+    run()
     straight = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     path = tmp_path / "svi.pt"
-    run(10, checkpoint=path)
+    with pytest.raises(Interrupted):
+        run(after=10, checkpoint=path, checkpoint_every=5)
     pyro.clear_param_store()
     pyro.set_rng_seed(123)  # the checkpoint restores the RNG state
-    history = run(20, checkpoint=path)
+    history = run(checkpoint=path)
     assert history["steps"] == 20 and len(history["loss"]) == 20
     resumed = dict(pyro.get_param_store().named_parameters())
     for name, value in straight.items():
         assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
+def test_default_step_size_decays_to_a_tenth_and_a_longer_run_resumes_the_decay(tmp_path):
+    y = torch.randn(20)
+    path = tmp_path / "svi.pt"
+    guide = AutoCWM(gaussian_model, num_components=1)
+    fit_svi(gaussian_model, guide, y, num_steps=30, progress=False, checkpoint=path)
+    state = torch.load(path, weights_only=False)["optim"]
+    lrs = [group["lr"] for s in state.values() for group in s["param_groups"]]
+    assert lrs and all(math.isclose(lr, 1e-3, rel_tol=1e-9) for lr in lrs)
+    # Training extended to 60 steps: it decays from there (not below) to the same end.
+    fit_svi(gaussian_model, guide, y, num_steps=60, progress=False, checkpoint=path)
+    state = torch.load(path, weights_only=False)["optim"]
+    lrs = [group["lr"] for s in state.values() for group in s["param_groups"]]
+    assert all(math.isclose(lr, 1e-3, rel_tol=1e-9) for lr in lrs)
+
+
+def test_the_best_smoothed_parameters_are_restored():
+    class Drifting(CWMELBO):
+        """A loss that gets worse after step 40: the last parameters are not the best."""
+
+        def loss_and_grads(self, model, guide, *args, **kwargs):
+            value = super().loss_and_grads(model, guide, *args, **kwargs)
+            return value + max(0, self.step - 40) * 10.0
+
+    y = torch.randn(20)
+    guide = AutoCWM(gaussian_model, num_components=1)
+    pyro.set_rng_seed(0)
+    snapshots = {}
+
+    class Recorder(pyro.optim.PyroOptim):
+        def __call__(self, params, *args, **kwargs):
+            super().__call__(params, *args, **kwargs)
+            snapshots[len(snapshots)] = {
+                n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()
+            }
+
+    history = fit_svi(
+        gaussian_model, guide, y, num_steps=80, progress=False, loss=Drifting(),
+        optim=Recorder(torch.optim.Adam, {"lr": 0.01}),
+    )
+    assert history["restored_best"] and 20 <= history["best_step"] <= 45
+    smoothed = history["smoothed_loss"]
+    assert history["best_smoothed_loss"] == min(smoothed[20:])
+    for name, value in pyro.get_param_store().named_parameters():
+        assert torch.equal(value.detach(), snapshots[history["best_step"]][name])
+    # keep_best=False leaves the last parameters.
+    history = fit_svi(
+        gaussian_model, guide, y, num_steps=80, progress=False, loss=Drifting(), keep_best=False
+    )
+    assert not history["restored_best"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_finite_parameters():

@@ -2,7 +2,7 @@
 
 The estimator keeps scikit-learn's constructor, methods, fitted attributes and sign
 conventions (``sklearn.mixture.GaussianMixture``), and runs the EM loop of
-``inference.em`` on torch tensors wherever they live (CUDA included). Inputs may be
+``inference.em.loop`` on torch tensors wherever they live (CUDA included). Inputs may be
 numpy arrays (results come back as numpy arrays), torch tensors (results stay tensors on
 the fitted device) or memory-mapped arrays larger than memory (read in chunks).
 """
@@ -22,14 +22,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from inference.em import (
-    expectation,
-    feature_chunks,
-    run_em,
-    stepwise_statistics,
-    weighted_log_probs,
-)
-from inference.gmm_families import (
+from inference.em.families import (
     GaussianMixtureParameters,
     SufficientStatistics,
     centered_statistics,
@@ -43,7 +36,14 @@ from inference.gmm_families import (
     scale_from_covariances,
     second_order_features,
 )
-from inference.kmeans import kmeans, kmeans_plus_plus_indices
+from inference.em.kmeans import kmeans, kmeans_plus_plus_indices
+from inference.em.loop import (
+    expectation,
+    feature_chunks,
+    run_em,
+    stepwise_statistics,
+    weighted_log_probs,
+)
 from pyro_cwm.distributions.gaussian_mixture import (
     COVARIANCE_TYPES,
     GaussianMixture,
@@ -312,7 +312,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     @staticmethod
     def _centered(dtype: torch.dtype) -> bool:
         # float32 whitens per component (accurate far from the means); float64 takes the
-        # faster feature products. See inference.gmm_families.
+        # faster feature products. See inference.em.families.
         return dtype == torch.float32
 
     def _feature_bytes(self, data: _Data) -> int:

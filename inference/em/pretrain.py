@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inference.gaussian_mixture_em import GaussianMixtureEM
+from inference.em.estimator import GaussianMixtureEM
 from inference.validation import as_data_tensor
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from inference.em.distributed import all_reduce_sum
 from inference.em.families import (
     ILL_DEFINED,
     GaussianMixtureParameters,
@@ -136,7 +137,10 @@ def run_em(
 
     Args:
         chunks: a callable returning a fresh iterable of data chunks (n_i, d) at every call
-            (one call per iteration); the chunks together are the data set.
+            (one call per iteration); the chunks together are the data set or, under a
+            `torch.distributed` process group, this process's shard of it (the statistics
+            are summed over the processes before every M-step, so every process takes the
+            same steps and stops at the same iteration).
         params: initial parameters (on the chunks' device and dtype).
         kind: the covariance family.
         max_iter: the most iterations (E-step + M-step).
@@ -167,6 +171,8 @@ def run_em(
                 if cache_features:
                     features = cached = list(features)
             stats = expectation(features, run.params, kind)
+        # Every process's statistics: the same M-step and convergence test everywhere.
+        stats = all_reduce_sum(stats)
         current = (stats.log_likelihood / stats.count).item()
         if not math.isfinite(current):
             raise ValueError(ILL_DEFINED)

@@ -1,0 +1,97 @@
+"""Data-parallel EM under ``torchrun`` (gloo, CPU, two processes) equals EM in one process.
+
+Each process fits [`GaussianMixtureEM`][inference.GaussianMixtureEM] on its own shard; the
+statistics, counts and k-means sums are summed across processes, so every process must end
+with the fit of the concatenated data in one process: same parameters (1e-10 in float64),
+lower bounds, iterations and labels. One launch runs every case (``distributed_worker.py``);
+another gives mismatched shards, which must fail on every process, not hang.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from inference.em.distributed import all_reduce_sum, check_shards, is_distributed
+from inference.em.families import SufficientStatistics
+from tests.inference import distributed_worker as worker
+
+WORKER = Path(worker.__file__)
+REPO = WORKER.parents[2]
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
+
+
+def launch(mode: str, directory: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(WORKER), mode, str(directory),
+    ]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One launch for every check: the fits, then the bad shards (the process fails)."""
+    directory = tmp_path_factory.mktemp("em-distributed")
+    np.save(directory / "data.npy", worker.make_data())
+    return directory, launch("all", directory)
+
+
+def test_single_process_reduction_is_the_identity():
+    assert not is_distributed()
+    x = torch.arange(3.0)
+    assert all_reduce_sum(x) is x
+    stats = SufficientStatistics(*(torch.ones(()) for _ in range(5)))
+    assert all_reduce_sum(stats) is stats
+    check_shards(3, torch.float64)
+    with pytest.raises(ValueError, match="bad shard"):
+        check_shards(3, torch.float64, ValueError("bad shard"))
+
+
+def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
+    directory, result = launched
+    output = result.stdout + result.stderr
+    assert all((directory / f"rank{r}.pt").exists() for r in range(2)), output
+    fits = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, source, case in worker.CASES:
+        check_fit(directory, name, source, case, fits)
+    pretrained = worker.pretrain(worker.load(directory, "tensor", 0, worker.make_data().shape[0]))
+    for rank_fits in fits:
+        for key, value in pretrained.items():
+            torch.testing.assert_close(rank_fits["em_pretrain"][key], value, rtol=1e-10,
+                                       atol=1e-10)
+    # The bad shards: one ValueError on every process, the last one ends the launch.
+    assert result.returncode != 0
+    assert "same number of features and dtype" in output
+    for rank in range(2):
+        features = (directory / f"error-features-rank{rank}.txt").read_text()
+        assert "rank 0: 3 features, float64, rank 1: 4 features, float64" in features
+        dtype = (directory / f"error-dtype-rank{rank}.txt").read_text()
+        assert "rank 1: 3 features, float32" in dtype
+    assert "NaN" in (directory / "error-nan-rank1.txt").read_text()
+    assert "rank(s) [1] is invalid" in (directory / "error-nan-rank0.txt").read_text()
+
+
+def check_fit(directory: Path, name: str, source: str, case: dict, fits: list[dict]) -> None:
+    """Both processes hold the fit of the whole data set in one process."""
+    whole = worker.load(directory, source, 0, worker.make_data().shape[0])
+    reference = worker.fit(whole, case)
+    tolerance = 1e-4 if case.get("dtype") == "float32" else 1e-10
+    for rank, rank_fits in enumerate(fits):
+        got = rank_fits[name]
+        for key in ("weights_", "means_", "covariances_", "precisions_cholesky_",
+                    "lower_bounds_"):
+            torch.testing.assert_close(got[key], reference[key], rtol=tolerance, atol=tolerance,
+                                       msg=lambda m, key=key, rank=rank: f"{name}, rank {rank}, "
+                                       f"{key}: {m}")
+        assert got["n_iter_"] == reference["n_iter_"], name
+        assert bool(got["converged_"]) == bool(reference["converged_"]), name
+    labels = torch.cat([rank_fits[name]["labels"] for rank_fits in fits])
+    assert torch.equal(labels, reference["labels"]), name

@@ -17,7 +17,10 @@ A collective waits for every process of the group; the timeout given to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
@@ -181,13 +184,57 @@ def global_rows(x: Tensor, index: Tensor, offset: int) -> Tensor:
     return all_reduce_sum(rows)
 
 
+def shard_bounds(num_rows: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``num_rows`` that this process takes in an even split
+    (rank order; the first ``num_rows % size`` processes take one row more)."""
+    rank, size = rank_and_size()
+    base, extra = divmod(num_rows, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@contextlib.contextmanager
+def process_group_from_environment(
+    device: torch.device, timeout: datetime.timedelta = datetime.timedelta(minutes=10)
+) -> Iterator[torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment, for a block.
+
+    Started by ``torchrun`` with more than one process (``WORLD_SIZE`` > 1) and no group
+    yet, this initializes one (NCCL for a CUDA ``device``, else gloo) and destroys it at
+    the end of the block; otherwise it does nothing.
+
+    Args:
+        device: the device asked for; a CUDA device without an index becomes
+            ``cuda:LOCAL_RANK``.
+        timeout: how long a collective waits for the other processes.
+
+    Yields:
+        The device this process computes on.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or not dist.is_available() or dist.is_initialized():
+        yield device
+        return
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
 __all__ = [
     "all_reduce_sum",
     "check_shards",
     "communication_device",
     "global_rows",
     "is_distributed",
+    "process_group_from_environment",
     "rank_and_size",
+    "shard_bounds",
     "shard_offset",
     "shared_seed",
 ]

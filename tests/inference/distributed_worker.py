@@ -2,11 +2,13 @@
 
     torchrun --standalone --nproc_per_node=2 tests/inference/distributed_worker.py MODE DIR
 
-Every process joins a gloo group (60 s timeout), fits on its shard of the data set that
+Every process joins a gloo group (60 s timeout, by ``process_group_from_environment``, as
+the command line does), fits on its shard of the data set that
 ``DIR/data.npy`` holds (rows split unevenly, in rank order) and writes what it got to
 ``DIR/rank<r>.pt``. MODE ``fit`` runs every case of ``CASES``; MODE ``errors`` gives
 mismatched or invalid shards and records each error, the last one uncaught (so the process
-exits non-zero); MODE ``all`` does both, in that order (one launch). The test runs the
+exits non-zero); MODE ``all`` runs the fits, ``pyro-cwm fit-gmm`` with ``CLI_ARGS`` (writing
+to ``DIR/cli``) and the errors (one launch). The test runs the
 same cases in one process on the whole data set and compares; ``CASES``, ``options`` and
 ``fit`` are shared with it.
 """
@@ -23,6 +25,8 @@ import torch
 
 import inference.em.estimator as estimator
 from inference import GaussianMixtureEM, em_pretrain
+from inference.cli import main as main_cli
+from inference.em.distributed import process_group_from_environment
 from pyro_cwm import CWM
 
 FAMILIES = ("full", "tied", "diag", "spherical", "constant")
@@ -49,6 +53,10 @@ CASES = [
     ("float32", "tensor", {"dtype": "float32", "init_params": "k-means++", "n_init": 2}),
 ]
 MEMMAP_INIT_ROWS = 200
+
+
+CLI_ARGS = ["-k", "3", "--covariance-type", "diag", "--n-init", "2", "--init-params",
+            "k-means++", "--tol", "1e-8", "--seed", "5"]
 
 
 def options(case: dict) -> dict:
@@ -131,15 +139,18 @@ def run_errors(directory: Path, rank: int, size: int) -> dict:
 def main() -> None:
     mode, directory = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    try:
+    timeout = datetime.timedelta(seconds=60)
+    with process_group_from_environment(torch.device("cpu"), timeout=timeout):
         rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if mode in ("fit", "all"):
             torch.save(run_fits(directory, rank, size), directory / f"rank{rank}.pt")
+        if mode == "all":
+            code = main_cli(["fit-gmm", str(directory / "data.npy"), *CLI_ARGS, "--out",
+                             str(directory / "cli")])
+            if code != 0:
+                raise SystemExit(code)
         if mode in ("errors", "all"):
             run_errors(directory, rank, size)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

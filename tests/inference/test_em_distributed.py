@@ -7,6 +7,7 @@ lower bounds, iterations and labels. One launch runs every case (``distributed_w
 another gives mismatched shards, which must fail on every process, not hang.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from inference.cli import main
 from inference.em.distributed import all_reduce_sum, check_shards, is_distributed
 from inference.em.families import SufficientStatistics
 from tests.inference import distributed_worker as worker
@@ -62,6 +64,7 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
     fits = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, source, case in worker.CASES:
         check_fit(directory, name, source, case, fits)
+    check_cli(directory, output)
     pretrained = worker.pretrain(worker.load(directory, "tensor", 0, worker.make_data().shape[0]))
     for rank_fits in fits:
         for key, value in pretrained.items():
@@ -77,6 +80,21 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
         assert "rank 1: 3 features, float32" in dtype
     assert "NaN" in (directory / "error-nan-rank1.txt").read_text()
     assert "rank(s) [1] is invalid" in (directory / "error-nan-rank0.txt").read_text()
+
+
+def check_cli(directory: Path, output: str) -> None:
+    """``pyro-cwm fit-gmm`` under torchrun: rank 0's report is the one-process report."""
+    assert output.count("fit-gmm: K=3") == 1, output  # rank 0 alone reports
+    assert main(["fit-gmm", str(directory / "data.npy"), *worker.CLI_ARGS, "--out",
+                 str(directory / "cli-one")]) == 0
+    got = json.loads((directory / "cli" / "report.json").read_text())
+    expected = json.loads((directory / "cli-one" / "report.json").read_text())
+    assert (got["processes"], expected["processes"]) == (2, 1)
+    for key in ("weights", "means", "covariances", "bic", "mean_log_likelihood"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-10, atol=1e-10, err_msg=key)
+    assert (got["n_iter"], got["converged"]) == (expected["n_iter"], expected["converged"])
+    labels = np.loadtxt(directory / "cli" / "labels.csv")
+    assert np.array_equal(labels, np.loadtxt(directory / "cli-one" / "labels.csv"))
 
 
 def check_fit(directory: Path, name: str, source: str, case: dict, fits: list[dict]) -> None:

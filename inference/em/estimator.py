@@ -101,8 +101,20 @@ class _Data:
         return _ChunkReader(self, size, shift)
 
     def mean(self, size: int) -> Tensor:
-        """The mean row (d,) of the data set (of every process's shard)."""
-        total = sum(chunk.sum(0) for chunk in self.chunks(size))
+        """The mean row (d,) of the data set (of every process's shard).
+
+        The first pass over a memmap, which checks its values: under a process group a
+        NaN or inf in one shard is a ValueError on every process.
+        """
+        total, error = None, None
+        try:
+            total = sum(chunk.sum(0) for chunk in self.chunks(size))
+        except ValueError as caught:
+            if not is_distributed():
+                raise
+            error = caught
+        if is_distributed():
+            check_shards(self.dim, self.dtype, error)
         return all_reduce_sum(total) / self.total_rows
 
     def init_rows(self, limit: int, generator: torch.Generator) -> Tensor:

@@ -97,7 +97,9 @@ def fit_experts_em(model, X, Y) -> ExpertsEMRun:
     randomness comes from ``model.seed`` (the caller's RNG state is left untouched).
 
     The model is moved to the device and dtype of ``X`` (float32 or float64 follow the
-    data); sets ``model.history_``, ``n_iter_``, ``converged_``, ``lower_bound_``.
+    data); sets ``model.history_``, ``n_iter_``, ``converged_``, ``lower_bound_``. This loop
+    is not data-parallel: under a `torch.distributed` process group each process fits the
+    data it passes (unlike [`GaussianMixtureEM`][inference.GaussianMixtureEM]).
 
     Raises:
         TypeError, ValueError: for bad data (see ``pyro_cwm.models.mixture_of_experts.

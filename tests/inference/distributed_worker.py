@@ -97,6 +97,22 @@ def load(directory: Path, source: str, start: int, stop: int):
     return torch.from_numpy(np.array(data[start:stop]))
 
 
+def stream(batches: list) -> dict[str, torch.Tensor]:
+    """Stepwise EM: ``partial_fit`` on each batch in turn (k-means++ start, diag)."""
+    gm = GaussianMixtureEM(3, covariance_type="diag", init_params="k-means++", random_state=1)
+    for batch in batches:
+        gm.partial_fit(batch)
+    return {"means_": gm.means_, "covariances_": gm.covariances_, "weights_": gm.weights_,
+            "lower_bound_": torch.tensor(gm.lower_bound_)}
+
+
+def stream_batches(directory: Path, rank: int, size: int) -> list[torch.Tensor]:
+    """Three minibatches of 100 rows; this process's share of each (all of it in one)."""
+    data = torch.from_numpy(np.load(directory / "data.npy"))
+    batches = torch.split(data, 100)
+    return [b[slice(*shard_rows(len(b), rank, size))] for b in batches]
+
+
 def pretrain(X) -> dict[str, torch.Tensor]:
     """The state of a CWM started by ``em_pretrain`` on ``X``."""
     torch.manual_seed(0)  # the classifier's hidden layer, which the pretraining keeps
@@ -110,6 +126,7 @@ def run_fits(directory: Path, rank: int, size: int) -> dict:
     results = {name: fit(load(directory, source, start, stop), case) for name, source, case in
                CASES}
     results["em_pretrain"] = pretrain(load(directory, "tensor", start, stop))
+    results["partial_fit"] = stream(stream_batches(directory, rank, size))
     return results
 
 
@@ -119,8 +136,15 @@ def run_errors(directory: Path, rank: int, size: int) -> dict:
     start, stop = shard_rows(data.shape[0], rank, size)
     shard = data[start:stop]
     errors = {}
+    if rank == 1:
+        np.save(directory / "nan-rank1.npy", np.where(np.arange(len(shard))[:, None] == 5,
+                                                      np.nan, shard.numpy()))
+        nan_memmap = np.load(directory / "nan-rank1.npy", mmap_mode="r")
+    else:
+        nan_memmap = np.load(directory / "data.npy", mmap_mode="r")[start:stop]
     bad = {
         "dtype": shard.float() if rank == 1 else shard,
+        "nan-memmap": nan_memmap,
         "nan": torch.where(torch.arange(len(shard))[:, None] == 3, torch.nan, shard)
         if rank == 1 else shard,
         "features": torch.cat([shard, shard[:, :1]], 1) if rank == 1 else shard,

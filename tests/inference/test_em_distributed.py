@@ -66,10 +66,12 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
         check_fit(directory, name, source, case, fits)
     check_cli(directory, output)
     pretrained = worker.pretrain(worker.load(directory, "tensor", 0, worker.make_data().shape[0]))
+    streamed = worker.stream(worker.stream_batches(directory, 0, 1))
     for rank_fits in fits:
-        for key, value in pretrained.items():
-            torch.testing.assert_close(rank_fits["em_pretrain"][key], value, rtol=1e-10,
-                                       atol=1e-10)
+        for name, expected in (("em_pretrain", pretrained), ("partial_fit", streamed)):
+            for key, value in expected.items():
+                torch.testing.assert_close(rank_fits[name][key], value, rtol=1e-10, atol=1e-10,
+                                           msg=lambda m, name=name, key=key: f"{name} {key}: {m}")
     # The bad shards: one ValueError on every process, the last one ends the launch.
     assert result.returncode != 0
     assert "same number of features and dtype" in output
@@ -78,8 +80,9 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
         assert "rank 0: 3 features, float64, rank 1: 4 features, float64" in features
         dtype = (directory / f"error-dtype-rank{rank}.txt").read_text()
         assert "rank 1: 3 features, float32" in dtype
-    assert "NaN" in (directory / "error-nan-rank1.txt").read_text()
-    assert "rank(s) [1] is invalid" in (directory / "error-nan-rank0.txt").read_text()
+    for case in ("nan", "nan-memmap"):  # found by rank 1, reported by rank 0
+        assert "NaN" in (directory / f"error-{case}-rank1.txt").read_text()
+        assert "rank(s) [1] is invalid" in (directory / f"error-{case}-rank0.txt").read_text()
 
 
 def check_cli(directory: Path, output: str) -> None:

@@ -404,7 +404,10 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     def _feature_bytes(self, data: _Data) -> int:
         return data.num_rows * feature_width(data.dim, self.covariance_type) * data.dtype.itemsize
 
-    def _generator(self) -> torch.Generator:
+    def _generator(self, shared: bool = False) -> torch.Generator:
+        """A CPU generator seeded from ``random_state``; ``shared``: under a process group,
+        with rank 0's seed (a collective: for the fitting methods, which every process
+        calls)."""
         state = self.random_state
         if isinstance(state, np.random.RandomState):
             seed = int(state.randint(2**31 - 1))
@@ -414,8 +417,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
             seed = int(state)
         else:
             raise ValueError(f"random_state must be None, an int or a RandomState, got {state!r}")
-        # Under a process group every process draws what rank 0 draws.
-        return torch.Generator().manual_seed(shared_seed(seed))
+        return torch.Generator().manual_seed(shared_seed(seed) if shared else seed)
 
     def _user_tensor(self, name: str, value, shape: tuple, like: Tensor) -> Tensor:
         tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, Tensor) else value)
@@ -548,7 +550,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         size = self._chunk_size(data.dim, data.device, data.dtype)
         shift = data.mean(size)
         chunks = data.chunks(size, shift)
-        generator = self._generator()
+        generator = self._generator(shared=True)
         kind = self.covariance_type
         best, best_bound = None, -math.inf
         for _ in range(self.n_init if do_init else 1):
@@ -614,7 +616,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                     f"n_components = {self.n_components}, n_samples = {data.total_rows}"
                 )
             shift = data.mean(size)
-            params = self._initial_parameters(data, shift, self._generator())
+            params = self._initial_parameters(data, shift, self._generator(shared=True))
             self._running, self._updates, self._shift = None, 0, shift
         else:
             shift = self._shift

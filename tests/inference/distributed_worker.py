@@ -127,6 +127,10 @@ def run_fits(directory: Path, rank: int, size: int) -> dict:
                CASES}
     results["em_pretrain"] = pretrain(load(directory, "tensor", start, stop))
     results["partial_fit"] = stream(stream_batches(directory, rank, size))
+    gm = GaussianMixtureEM(2, random_state=None).fit(load(directory, "tensor", start, stop))
+    results["seedless"] = {"means_": gm.means_}  # rank 0's seed: the same fit everywhere
+    if rank == 0:  # the methods other than fitting are local: rank 0 alone may call them
+        gm.sample(4), gm.score(gm.means_), gm.bic(gm.means_), gm.predict_proba(gm.means_)
     return results
 
 

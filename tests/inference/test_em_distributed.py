@@ -65,6 +65,8 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
     for name, source, case in worker.CASES:
         check_fit(directory, name, source, case, fits)
     check_cli(directory, output)
+    torch.testing.assert_close(fits[0]["seedless"]["means_"], fits[1]["seedless"]["means_"],
+                               rtol=0, atol=0)
     pretrained = worker.pretrain(worker.load(directory, "tensor", 0, worker.make_data().shape[0]))
     streamed = worker.stream(worker.stream_batches(directory, 0, 1))
     for rank_fits in fits:

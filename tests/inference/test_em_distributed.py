@@ -19,8 +19,15 @@ import torch
 import torch.distributed as dist
 
 from inference.cli import main
-from inference.em.distributed import all_reduce_sum, check_shards, is_distributed
+from inference.em.distributed import (
+    all_reduce_sum,
+    check_shards,
+    is_distributed,
+    shard_bounds,
+    shard_offset,
+)
 from inference.em.families import SufficientStatistics
+from inference.em.kmeans import _draw_by_weight, kmeans_plus_plus
 from tests.inference import distributed_worker as worker
 
 WORKER = Path(worker.__file__)
@@ -55,6 +62,21 @@ def test_single_process_reduction_is_the_identity():
     check_shards(3, torch.float64)
     with pytest.raises(ValueError, match="bad shard"):
         check_shards(3, torch.float64, ValueError("bad shard"))
+
+
+def test_weighted_draws_are_inverse_cdf_and_skip_zero_weights():
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0])
+    uniforms = torch.tensor([0.0, 0.2, 0.25, 0.9, 1 - 1e-16], dtype=torch.float64)
+    assert _draw_by_weight(weights, uniforms, 0, sharded=False).tolist() == [1, 1, 3, 3, 3]
+    assert _draw_by_weight(weights, uniforms, 0, sharded=True).tolist() == [1, 1, 3, 3, 3]
+
+
+def test_kmeans_plus_plus_seeds_are_distinct_rows_of_the_data():
+    x = torch.from_numpy(worker.make_data())
+    index, seeds = kmeans_plus_plus(x, 5, torch.Generator().manual_seed(0))
+    assert index.unique().numel() == 5
+    assert torch.equal(seeds, x[index])
+    assert shard_bounds(10) == (0, 10) and shard_offset(10) == (0, 10)
 
 
 def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):

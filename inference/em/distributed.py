@@ -168,18 +168,18 @@ def global_rows(x: Tensor, index: Tensor, offset: int) -> Tensor:
     """The rows of the global data set at global indices ``index`` (m,), on every process.
 
     Args:
-        x: this shard's rows (n, d), global rows ``offset`` to ``offset + n - 1``.
+        x: this shard's rows (n, ...), global rows ``offset`` to ``offset + n - 1``.
         index: global row indices (m,), the same on every process.
         offset: the global index of ``x[0]`` (see ``shard_offset``).
 
     Returns:
-        The rows (m, d): each is copied by the process that owns it and summed with zeros.
+        The rows (m, ...): each is copied by the process that owns it and summed with zeros.
     """
     if not is_distributed():
         return x[index.to(x.device) - offset]
     local = index.to(x.device) - offset
     owned = (local >= 0) & (local < x.shape[0])
-    rows = x.new_zeros(index.shape[0], x.shape[1])
+    rows = x.new_zeros(index.shape[0], *x.shape[1:])
     rows[owned] = x[local[owned]]
     return all_reduce_sum(rows)
 

@@ -6,6 +6,12 @@
 experts' Gaussian posteriors, the gate, the hyperparameters. The model holds the steps
 (``initialize``, ``update``, ``lower_bound_terms``); the loop, the restarts and the
 convergence test live here, so that ``pyro_cwm`` never imports ``inference``.
+
+Under a `torch.distributed` process group the loop is data-parallel: each process passes
+its shard of the points, and the experts' and gates' sums over the points (statistics,
+counts, gradients of the gate's data term) go through
+[`all_reduce_sum`][inference.em.distributed.all_reduce_sum], installed for the fit as
+``pyro_cwm.models.point_sums``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,45 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from inference.em.distributed import (
+    all_reduce_sum,
+    check_shards,
+    global_rows,
+    is_distributed,
+    rank_and_size,
+    shard_offset,
+    shared_seed,
+)
+from pyro_cwm.models.gates import PerSampleDirichletGate
+from pyro_cwm.models.point_sums import PointSums, point_sums, using_point_sums
+
+
+class ProcessPointSums(PointSums):
+    """Sums over the points of every process of the `torch.distributed` group.
+
+    Args:
+        num_rows: this process's number of points (the shards in rank order are the data).
+    """
+
+    distributed = True
+
+    def __init__(self, num_rows: int) -> None:
+        self.offset, self.num_points = shard_offset(num_rows)
+
+    def total(self, values):
+        return all_reduce_sum(values)
+
+    def count(self, num_rows: int) -> int:
+        return self.num_points
+
+    def rows(self, values: Tensor, index: Tensor) -> Tensor:
+        return global_rows(values, index, self.offset)
+
+    def total_gradients(self, parameters) -> None:
+        grads = [p for p in parameters if p.grad is not None]
+        for p, total in zip(grads, all_reduce_sum([p.grad for p in grads])):
+            p.grad = total
 
 
 @dataclass
@@ -37,7 +82,8 @@ class ExpertsEMRun:
 
 def _experts_em_once(model, X: Tensor, Y: Tensor, *, bar_description: str) -> ExpertsEMRun:
     """One EM run of a mixture of experts from a random start (torch's global RNG)."""
-    N = X.shape[0]
+    sums = point_sums()
+    N = sums.count(X.shape[0])
     run = ExpertsEMRun()
     model.initialize(X, Y)
     # Iteration 0: responsibilities from the start's point estimates, one sweep.
@@ -46,7 +92,10 @@ def _experts_em_once(model, X: Tensor, Y: Tensor, *, bar_description: str) -> Ex
     previous = -math.inf
     best_bound, best_state, last_state = -math.inf, None, None
     bar = tqdm(
-        range(1, model.max_iter + 1), desc=bar_description, disable=not model.progress, leave=False
+        range(1, model.max_iter + 1),
+        desc=bar_description,
+        disable=not (model.progress and rank_and_size()[0] == 0),
+        leave=False,
     )
     for n_iter in bar:
         bound, resp = model.lower_bound_terms(X, Y)
@@ -59,7 +108,7 @@ def _experts_em_once(model, X: Tensor, Y: Tensor, *, bar_description: str) -> Ex
                 f"the EM lower bound became {bound} at iteration {n_iter}; the last finite "
                 "parameters are kept (try float64 data or a larger prior_cov)"
             )
-        log_lik = float(model.predict_distribution(X).log_prob(Y).mean())
+        log_lik = float(sums.total(model.predict_distribution(X).log_prob(Y).sum())) / N
         run.lower_bounds.append(bound)
         run.log_likelihoods.append(log_lik)
         run.n_iter = n_iter
@@ -97,28 +146,48 @@ def fit_experts_em(model, X, Y) -> ExpertsEMRun:
     randomness comes from ``model.seed`` (the caller's RNG state is left untouched).
 
     The model is moved to the device and dtype of ``X`` (float32 or float64 follow the
-    data); sets ``model.history_``, ``n_iter_``, ``converged_``, ``lower_bound_``. This loop
-    is not data-parallel: under a `torch.distributed` process group each process fits the
-    data it passes (unlike [`GaussianMixtureEM`][inference.GaussianMixtureEM]).
+    data); sets ``model.history_``, ``n_iter_``, ``converged_``, ``lower_bound_``.
+
+    Under ``torchrun`` (a `torch.distributed` process group) every process passes its shard
+    of the points and every process ends with the fit of all of them (soft mode, with
+    Bayesian linear or module experts and a Dirichlet or softmax gate); ``seed=None`` takes
+    rank 0's seed. Mismatched shards are a ValueError on every process.
 
     Raises:
         TypeError, ValueError: for bad data (see ``pyro_cwm.models.mixture_of_experts.
             check_regression_data``), or more experts than points.
         ValueError: if the bound becomes NaN or infinite (the last finite parameters are
-            kept).
+            kept); under a process group, for a hard mode or a per-sample gate (not
+            data-parallel).
     """
-    X, Y = model.check_data(X, Y)
-    if model.num_experts > X.shape[0]:
+    sharded = is_distributed()
+    if sharded and (model.mode == "hard" or isinstance(model.gate, PerSampleDirichletGate)):
+        raise ValueError(
+            "data-parallel EM of a mixture of experts needs mode='soft' and a gate that is "
+            "not per-sample"
+        )
+    X, Y, error = _checked(model, X, Y, sharded)
+    if sharded:
+        check_shards(*((0, torch.float64) if X is None else (X.shape[1], X.dtype)), error)
+    sums = ProcessPointSums(X.shape[0]) if sharded else PointSums()
+    if model.num_experts > sums.count(X.shape[0]):
         raise ValueError(
             f"num_experts ({model.num_experts}) must not exceed the number of points "
-            f"({X.shape[0]})"
+            f"({sums.count(X.shape[0])})"
         )
     model.to(device=X.device, dtype=X.dtype)
     devices = [X.device] if X.device.type == "cuda" else []
+    seed = model.seed
+    if sharded and seed is None:  # every process starts where rank 0 does
+        seed = shared_seed(int(torch.randint(2**62, (1,))))
     best_run, best_state, best_final = None, None, -math.inf
-    with torch.random.fork_rng(devices=devices, enabled=model.seed is not None), torch.no_grad():
-        if model.seed is not None:
-            torch.manual_seed(model.seed)
+    with (
+        torch.random.fork_rng(devices=devices, enabled=seed is not None),
+        torch.no_grad(),
+        using_point_sums(sums),
+    ):
+        if seed is not None:
+            torch.manual_seed(seed)
         for start in range(model.n_init):
             description = f"EM experts {start + 1}/{model.n_init}"
             run = _experts_em_once(model, X, Y, bar_description=description)
@@ -136,3 +205,13 @@ def fit_experts_em(model, X, Y) -> ExpertsEMRun:
     model.converged_ = best_run.converged
     model.lower_bound_ = best_final
     return best_run
+
+
+def _checked(model, X, Y, sharded: bool):
+    """``model.check_data(X, Y)`` and its error (raised at once in one process)."""
+    try:
+        return (*model.check_data(X, Y), None)
+    except (TypeError, ValueError) as error:
+        if not sharded:
+            raise
+        return None, None, error

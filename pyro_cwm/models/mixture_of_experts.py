@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pyro_cwm.models.experts import BayesianLinearExperts, Experts, PriorMeanRegularizer
 from pyro_cwm.models.gates import DirichletGate, Gate, PerSampleDirichletGate, SoftmaxGate
+from pyro_cwm.models.point_sums import point_sums
 from pyro_cwm.nn.checks import check_positive_int
 
 __all__ = ["MixtureOfExperts", "MixtureOfModels", "check_regression_data"]
@@ -256,7 +257,8 @@ class MixtureOfExperts(nn.Module):
         responsibilities, and those responsibilities (N, K)."""
         joint = self.log_joint(X, Y)
         log_norm = torch.logsumexp(joint, dim=-1)
-        bound = log_norm.sum() + self.experts.bound() + self.gate.bound() + self.penalty()
+        data_term = point_sums().total(log_norm.sum())  # over every process's points
+        bound = data_term + self.experts.bound() + self.gate.bound() + self.penalty()
         return bound, torch.exp(joint - log_norm.unsqueeze(-1))
 
     @torch.no_grad()

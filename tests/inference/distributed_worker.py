@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 import inference.em.estimator as estimator
-from inference import GaussianMixtureEM, em_pretrain
+from inference import GaussianMixtureEM, em_pretrain, fit_experts_em
 from inference.cli import main as main_cli
 from inference.em.distributed import process_group_from_environment
 from pyro_cwm import CWM
+from pyro_cwm.data import two_planes
+from pyro_cwm.models import MixtureOfExperts, ModuleExperts, PullPriorMeans
 
 FAMILIES = ("full", "tied", "diag", "spherical", "constant")
 SPLIT = 0.43  # rank 0's share of the rows: shards of different sizes
@@ -113,6 +115,34 @@ def stream_batches(directory: Path, rank: int, size: int) -> list[torch.Tensor]:
     return [b[slice(*shard_rows(len(b), rank, size))] for b in batches]
 
 
+# Mixtures of experts in soft mode: (name, constructor options); float64 two planes.
+EXPERTS = [
+    ("softmax", {"gate": "softmax", "n_init": 2, "max_iter": 8}),
+    ("dirichlet-hyper", {"gate": "dirichlet", "optimize": ("noise", "prior_mean", "prior_cov"),
+                         "regularizer": PullPriorMeans(0.5), "max_iter": 25}),
+    ("modules", {"gate": "dirichlet", "max_iter": 10}),
+]
+
+
+def experts_data(rank: int = 0, size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    X, Y, _ = two_planes(150, seed=3, dtype=torch.float64)
+    start, stop = shard_rows(X.shape[0], rank, size)
+    return X[start:stop], Y[start:stop]
+
+
+def fit_experts(name: str, case: dict, X, Y) -> dict[str, torch.Tensor]:
+    """The state and trace of a mixture of experts fitted by ``fit_experts_em``."""
+    torch.manual_seed(0)  # the modules' first parameters
+    case = dict(case)
+    if name == "modules":
+        modules = [torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)]
+        case["experts"] = ModuleExperts(modules, 2, steps=20, lr=0.1)
+    model = MixtureOfExperts(2, 2, seed=4, tol=1e-8, **case)
+    fit_experts_em(model, X, Y)
+    return {**model.state_dict(), "lower_bound": torch.tensor(model.history_["lower_bound"]),
+            "log_likelihood": torch.tensor(model.history_["log_likelihood"])}
+
+
 def pretrain(X) -> dict[str, torch.Tensor]:
     """The state of a CWM started by ``em_pretrain`` on ``X``."""
     torch.manual_seed(0)  # the classifier's hidden layer, which the pretraining keeps
@@ -127,6 +157,8 @@ def run_fits(directory: Path, rank: int, size: int) -> dict:
                CASES}
     results["em_pretrain"] = pretrain(load(directory, "tensor", start, stop))
     results["partial_fit"] = stream(stream_batches(directory, rank, size))
+    for name, case in EXPERTS:
+        results[f"experts-{name}"] = fit_experts(name, case, *experts_data(rank, size))
     gm = GaussianMixtureEM(2, random_state=None).fit(load(directory, "tensor", start, stop))
     results["seedless"] = {"means_": gm.means_}  # rank 0's seed: the same fit everywhere
     if rank == 0:  # the methods other than fitting are local: rank 0 alone may call them
@@ -153,9 +185,18 @@ def run_errors(directory: Path, rank: int, size: int) -> dict:
         if rank == 1 else shard,
         "features": torch.cat([shard, shard[:, :1]], 1) if rank == 1 else shard,
     }
-    for name, X in bad.items():
+    X, Y = experts_data(rank, size)
+    experts = {  # a mixture of experts: rank 1's X has a column too many; hard mode
+        "experts-features": (MixtureOfExperts(2, 2, gate="dirichlet"),
+                             torch.cat([X, X[:, :1]], 1) if rank == 1 else X, Y),
+        "experts-hard": (MixtureOfExperts(2, 2, gate="dirichlet", mode="hard"), X, Y),
+    }
+    fits = [(name, lambda X=X: GaussianMixtureEM(3, random_state=0).fit(X))
+            for name, X in bad.items()]
+    fits[-1:-1] = [(name, lambda a=args: fit_experts_em(*a)) for name, args in experts.items()]
+    for name, run in fits:
         try:
-            GaussianMixtureEM(3, random_state=0).fit(X)
+            run()
         except ValueError as error:
             errors[name] = str(error)
             (directory / f"error-{name}-rank{rank}.txt").write_text(str(error))

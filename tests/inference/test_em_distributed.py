@@ -91,8 +91,12 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
                                rtol=0, atol=0)
     pretrained = worker.pretrain(worker.load(directory, "tensor", 0, worker.make_data().shape[0]))
     streamed = worker.stream(worker.stream_batches(directory, 0, 1))
+    references = [("em_pretrain", pretrained), ("partial_fit", streamed)]
+    for name, case in worker.EXPERTS:  # mixtures of experts, data-parallel
+        references.append((f"experts-{name}", worker.fit_experts(name, case,
+                                                                *worker.experts_data())))
     for rank_fits in fits:
-        for name, expected in (("em_pretrain", pretrained), ("partial_fit", streamed)):
+        for name, expected in references:
             for key, value in expected.items():
                 torch.testing.assert_close(rank_fits[name][key], value, rtol=1e-10, atol=1e-10,
                                            msg=lambda m, name=name, key=key: f"{name} {key}: {m}")
@@ -104,8 +108,12 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
         assert "rank 0: 3 features, float64, rank 1: 4 features, float64" in features
         dtype = (directory / f"error-dtype-rank{rank}.txt").read_text()
         assert "rank 1: 3 features, float32" in dtype
-    for case in ("nan", "nan-memmap"):  # found by rank 1, reported by rank 0
-        assert "NaN" in (directory / f"error-{case}-rank1.txt").read_text()
+    for rank in range(2):
+        hard = (directory / f"error-experts-hard-rank{rank}.txt").read_text()
+        assert "needs mode='soft'" in hard
+    found = {"nan": "NaN", "nan-memmap": "NaN", "experts-features": "must have 2 columns"}
+    for case, message in found.items():  # found by rank 1, told to rank 0
+        assert message in (directory / f"error-{case}-rank1.txt").read_text()
         assert "rank(s) [1] is invalid" in (directory / f"error-{case}-rank0.txt").read_text()
 
 

@@ -30,7 +30,7 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from inference.kmeans import kmeans
+from inference.em.kmeans import kmeans
 from inference.svi import fit_svi
 from pyro_cwm.models.bayesian_gmm import BayesianGMM
 from pyro_cwm.nn.checks import check_positive_int

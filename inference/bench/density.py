@@ -24,7 +24,7 @@ import torch
 import zuko
 
 from inference.density import fit_density
-from inference.gaussian_mixture_em import GaussianMixtureEM
+from inference.em.estimator import GaussianMixtureEM
 from pyro_cwm import CWM
 from pyro_cwm.data.images import LogitTransform, pixel_density_sample
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.gaussian_mixture_em import GaussianMixtureEM
+from inference.em.estimator import GaussianMixtureEM
 
 SIZES = {"small": (100_000, 32, 16), "large": (1_000_000, 64, 64)}
 

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from inference.em.experts import fit_experts_em
 from pyro_cwm.data import two_planes
 from pyro_cwm.models import MixtureOfExperts, MixtureOfModels
 
@@ -45,7 +46,7 @@ def run_ours(kind: str, X, Y, seed: int, mode: str, device: str) -> tuple[torch.
     model = cls(2, 2, seed=seed, mode=mode)
     X, Y = X.to(device), Y.to(device)
     started = time.perf_counter()
-    model.fit(X, Y)
+    fit_experts_em(model, X, Y)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return model.experts.post_mean, time.perf_counter() - started

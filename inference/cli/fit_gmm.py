@@ -1,4 +1,10 @@
-"""``pyro-cwm fit-gmm``: fit a Gaussian mixture by EM, optionally choosing K by BIC."""
+"""``pyro-cwm fit-gmm``: fit a Gaussian mixture by EM, optionally choosing K by BIC.
+
+Under ``torchrun`` (``torchrun --nproc_per_node=P -m inference.cli fit-gmm ...``) the
+processes share the EM work: each fits on its share of the rows
+([`GaussianMixtureEM`][inference.GaussianMixtureEM] sums the statistics across them), all
+hold the same fit, and rank 0 writes the outputs.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ from sklearn.exceptions import ConvergenceWarning
 
 from inference.cli.data_files import add_data_arguments, parse_device, read_data
 from inference.cli.errors import CLIError
-from inference.gaussian_mixture_em import INIT_PARAMS, GaussianMixtureEM
+from inference.em.distributed import process_group_from_environment, rank_and_size, shard_bounds
+from inference.em.estimator import INIT_PARAMS, GaussianMixtureEM
 from inference.plots import plot_gaussian_mixture
 from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
@@ -40,7 +47,8 @@ def register(subparsers) -> None:
         help="fit a Gaussian mixture by EM (scikit-learn's API on torch)",
         description="Fit a Gaussian mixture by EM to the rows of a CSV or .npy file (or a "
         "built-in example), optionally choosing K by BIC, and write a JSON report, the "
-        "labels and, for 2-D data, a plot of the fitted ellipses.",
+        "labels and, for 2-D data, a plot of the fitted ellipses. Under torchrun the "
+        "processes split the rows and rank 0 writes the outputs.",
     )
     add_data_arguments(p)
     p.add_argument("-k", "--components", type=int, default=5, help="number of components K")
@@ -58,13 +66,17 @@ def register(subparsers) -> None:
     p.add_argument("--reg-covar", type=float, default=1e-6)
     p.add_argument("--constant-variance", type=float, default=1.0, help="for 'constant'")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda: LOCAL_RANK)"
+    )
     p.add_argument("--float32", action="store_true", help="compute in single precision")
     p.add_argument("--out", default="runs/fit-gmm", help="output folder")
     p.set_defaults(run=run)
 
 
-def _fit(table: np.ndarray, k: int, args: argparse.Namespace) -> GaussianMixtureEM:
+def _fit(
+    table: np.ndarray, k: int, args: argparse.Namespace, device: torch.device
+) -> GaussianMixtureEM:
     model = GaussianMixtureEM(
         k,
         covariance_type=args.covariance_type,
@@ -75,7 +87,7 @@ def _fit(table: np.ndarray, k: int, args: argparse.Namespace) -> GaussianMixture
         reg_covar=args.reg_covar,
         constant_variance=args.constant_variance,
         random_state=args.seed,
-        device=args.device,
+        device=device,
         dtype=torch.float32 if args.float32 else torch.float64,
     )
     with warnings.catch_warnings():
@@ -89,12 +101,23 @@ def run(args: argparse.Namespace) -> int:
     candidates = args.select_k or [args.components]
     if candidates[-1] > table.shape[0]:
         raise CLIError(f"K ({candidates[-1]}) exceeds the number of points ({table.shape[0]})")
+    with process_group_from_environment(device) as device:
+        return _run(args, table, candidates, device)
 
+
+def _run(
+    args: argparse.Namespace, table: np.ndarray, candidates: list[int], device: torch.device
+) -> int:
+    rank, size = rank_and_size()
+    start, stop = shard_bounds(table.shape[0])
+    if stop - start < 2:
+        raise CLIError(f"{size} processes need at least {2 * size} points, got {table.shape[0]}")
     started = time.perf_counter()
     scores, best, best_bic = [], None, np.inf
     for k in candidates:
         try:
-            model = _fit(table, k, args)
+            # This process's rows; the scores below are of every row (same on every rank).
+            model = _fit(table[start:stop], k, args, device)
         except ValueError as error:
             raise CLIError(f"K={k}: {error}") from None
         bic, aic = model.bic(table), model.aic(table)
@@ -105,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         if bic < best_bic:
             best, best_bic = model, bic
     elapsed = time.perf_counter() - started
+    if rank != 0:
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         "covariances": np.asarray(best.covariances_).tolist(),
         "time_s": elapsed,
         "device": str(device),
+        "processes": size,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     written = ["report.json", "labels.csv"]

@@ -40,6 +40,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
+from pyro_cwm.models.point_sums import point_sums
 from pyro_cwm.nn.checks import check_positive_int
 
 __all__ = [
@@ -233,19 +234,21 @@ class BayesianLinearExperts(Experts):
         self.prior_mean.copy_(self.initial_prior_mean)
         self.prior_cov.copy_(self.initial_prior_cov)
         self.noise_precision.copy_(self.initial_noise_precision)
-        N = X.shape[0]
+        sums = point_sums()
+        N = sums.count(X.shape[0])
         size = min(N, max(2 * d, d + 2))
         ridge = 1e-6 * torch.eye(d, dtype=X.dtype, device=X.device)
         for k in range(K):
             idx = torch.randperm(N, device=X.device)[:size]
-            Xs, Ys = X[idx], Y[idx]
+            Xs, Ys = sums.rows(X, idx), sums.rows(Y, idx)
             gram = Xs.T @ Xs + ridge * (1.0 + Xs.square().sum())
             self.post_mean[k] = torch.linalg.solve(gram, Xs.T @ Ys)
         self.post_cov.zero_()
         if "noise" in self.optimize:
-            gram = X.T @ X + ridge * (1.0 + X.square().sum())
-            w = torch.linalg.solve(gram, X.T @ Y)
-            variance = (Y - X @ w).square().mean().clamp_min(1e-12 * (1.0 + Y.square().mean()))
+            xx, xy, x2 = sums.total([X.T @ X, X.T @ Y, X.square().sum()])
+            w = torch.linalg.solve(xx + ridge * (1.0 + x2), xy)
+            r2, y2 = sums.total([(Y - X @ w).square().sum(), Y.square().sum()])
+            variance = (r2 / N).clamp_min(1e-12 * (1.0 + y2 / N))
             self.noise_precision.fill_(float(1.0 / variance))
 
     def _quadratic(self, X: Tensor) -> Tensor:
@@ -262,8 +265,10 @@ class BayesianLinearExperts(Experts):
         """Closed-form Gaussian posterior of every expert from the weighted data."""
         beta = self.noise_precision
         prior_precision, _ = _inverse_and_logdet(self.prior_cov)
-        sxx = torch.einsum("nk,ni,nj->kij", weights, X, X)
-        sxy = torch.einsum("nk,ni,n->ki", weights, X, Y)
+        sxx, sxy = point_sums().total([
+            torch.einsum("nk,ni,nj->kij", weights, X, X),
+            torch.einsum("nk,ni,n->ki", weights, X, Y),
+        ])
         precision = prior_precision + beta[:, None, None] * sxx
         precision = 0.5 * (precision + precision.mT)
         rhs = (prior_precision @ self.prior_mean.unsqueeze(-1)).squeeze(-1) + beta[:, None] * sxy
@@ -287,10 +292,14 @@ class BayesianLinearExperts(Experts):
         others, so soft EM never decreases the bound.
         """
         if "noise" in self.optimize:
-            mass = weights.sum(0)
+            sums = point_sums()
             residual = Y.unsqueeze(-1) - X @ self.post_mean.T
-            sq = (weights * (residual.square() + self._quadratic(X))).sum(0)
-            floor = 1e-10 * (1.0 + Y.square().mean())
+            mass, sq, y2 = sums.total([
+                weights.sum(0),
+                (weights * (residual.square() + self._quadratic(X))).sum(0),
+                Y.square().sum(),
+            ])
+            floor = 1e-10 * (1.0 + y2 / sums.count(X.shape[0]))
             variance = (sq / mass.clamp_min(1e-30)).clamp_min(floor)
             # An expert without data keeps its noise level.
             beta = torch.where(mass > 1e-8, 1.0 / variance, self.noise_precision)
@@ -390,7 +399,14 @@ class ModuleExperts(Experts):
             for module in net.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-        self.noise_scale.fill_(float(Y.std().clamp_min(1e-6)) if Y.numel() > 1 else 1.0)
+        sums = point_sums()
+        N = sums.count(Y.shape[0])
+        if N > 1:
+            y1, y2 = sums.total([Y.sum(), Y.square().sum()])
+            std = ((y2 - y1 * y1 / N) / (N - 1)).clamp_min(0).sqrt()
+            self.noise_scale.fill_(float(std.clamp_min(1e-6)))
+        else:
+            self.noise_scale.fill_(1.0)
 
     def _means(self, X: Tensor) -> Tensor:
         return torch.stack([net(X).reshape(X.shape[0]) for net in self.nets], dim=-1)
@@ -408,26 +424,33 @@ class ModuleExperts(Experts):
         """Weighted maximum likelihood of the modules' parameters by Adam."""
         if self.steps == 0 or not any(p.requires_grad for p in self.nets.parameters()):
             return
+        sums = point_sums()
+        N = sums.count(X.shape[0])
         with torch.no_grad():
-            start = self._objective(X, Y, weights)
+            start = sums.total(self._objective(X, Y, weights))
         saved = copy.deepcopy(self.nets.state_dict())
         optimizer = torch.optim.Adam(self.nets.parameters(), lr=self.lr)
         with torch.enable_grad():
             for _ in range(self.steps):
                 optimizer.zero_grad()
-                (-self._objective(X, Y, weights) / X.shape[0]).backward()
+                (-self._objective(X, Y, weights) / N).backward()
+                sums.total_gradients(self.nets.parameters())
                 optimizer.step()
         with torch.no_grad():
-            end = self._objective(X, Y, weights)
+            end = sums.total(self._objective(X, Y, weights))
         if not (end >= start):
             self.nets.load_state_dict(saved)
 
     def update_hyperparameters(self, X: Tensor, Y: Tensor, weights: Tensor) -> None:
         """``sigma_k^2 = sum_n r_nk (y_n - f_k(x_n))^2 / sum_n r_nk``."""
         with torch.no_grad():
-            mass = weights.sum(0)
-            sq = (weights * (Y.unsqueeze(-1) - self._means(X)).square()).sum(0)
-            floor = 1e-10 * (1.0 + Y.square().mean())
+            sums = point_sums()
+            mass, sq, y2 = sums.total([
+                weights.sum(0),
+                (weights * (Y.unsqueeze(-1) - self._means(X)).square()).sum(0),
+                Y.square().sum(),
+            ])
+            floor = 1e-10 * (1.0 + y2 / sums.count(X.shape[0]))
             scale = (sq / mass.clamp_min(1e-30)).clamp_min(floor).sqrt()
             self.noise_scale.copy_(torch.where(mass > 1e-8, scale, self.noise_scale))
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
+from pyro_cwm.models.point_sums import point_sums
 from pyro_cwm.nn.checks import check_hidden_dims, check_positive_int
 from pyro_cwm.nn.classifiers import mlp
 
@@ -108,7 +109,7 @@ class DirichletGate(Gate):
         return (torch.digamma(a) - torch.digamma(a.sum())).expand(X.shape[0], -1)
 
     def update(self, X: Tensor, weights: Tensor) -> None:
-        self.concentration.copy_(self.prior_concentration + weights.sum(0))
+        self.concentration.copy_(self.prior_concentration + point_sums().total(weights.sum(0)))
 
     def bound(self) -> Tensor:
         return -kl_divergence(
@@ -175,10 +176,16 @@ class SoftmaxGate(Gate):
     def _penalty(self) -> Tensor:
         return 0.5 * self.weight_decay * sum(p.square().sum() for p in self.net.parameters())
 
+    def _data_term(self, X: Tensor, weights: Tensor) -> Tensor:
+        return (weights * torch.log_softmax(self.net(X), -1)).sum()
+
     def _objective(self, X: Tensor, weights: Tensor) -> Tensor:
-        return (weights * torch.log_softmax(self.net(X), -1)).sum() - self._penalty()
+        """``sum_nk r_nk log pi_k(x_n) - penalty`` over the points of every process."""
+        return point_sums().total(self._data_term(X, weights)) - self._penalty()
 
     def update(self, X: Tensor, weights: Tensor) -> None:
+        sums = point_sums()
+        N = sums.count(X.shape[0])
         with torch.no_grad():
             before = self._objective(X, weights)
         saved = copy.deepcopy(self.net.state_dict())
@@ -186,7 +193,9 @@ class SoftmaxGate(Gate):
         with torch.enable_grad():
             for _ in range(self.steps):
                 optimizer.zero_grad()
-                (-self._objective(X, weights) / X.shape[0]).backward()
+                (-self._data_term(X, weights) / N).backward()
+                sums.total_gradients(self.net.parameters())
+                (self._penalty() / N).backward()
                 optimizer.step()
         with torch.no_grad():
             after = self._objective(X, weights)

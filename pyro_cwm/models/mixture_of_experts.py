@@ -15,8 +15,8 @@ L = sum_nk r_nk (E_q[log pi_nk] + E_q[log p(y_n | x_n, w_k)]) - sum_nk r_nk log 
     - sum_k KL(q(w_k) || p(w_k)) + gate term + regularizer penalty
 ```
 
-is maximized by [`fit_experts_em`][inference.fit_experts_em] (what
-[`MixtureOfExperts.fit`][pyro_cwm.models.MixtureOfExperts.fit] calls);
+is maximized by [`fit_experts_em`][inference.fit_experts_em] (``fit_experts_em(model, X, Y)``:
+the fitting lives in ``inference``, which imports ``pyro_cwm``, never the reverse);
 [`MixtureOfExperts.model`][pyro_cwm.models.MixtureOfExperts.model] writes the same model for
 Pyro, with the assignment enumerated so that ``TraceEnum_ELBO`` and ``NUTS`` sum it out.
 """
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pyro_cwm.models.experts import BayesianLinearExperts, Experts, PriorMeanRegularizer
 from pyro_cwm.models.gates import DirichletGate, Gate, PerSampleDirichletGate, SoftmaxGate
+from pyro_cwm.models.point_sums import point_sums
 from pyro_cwm.nn.checks import check_positive_int
 
 __all__ = ["MixtureOfExperts", "MixtureOfModels", "check_regression_data"]
@@ -101,8 +102,9 @@ class MixtureOfExperts(nn.Module):
     """A mixture of K regression experts with a gate, fitted by variational EM.
 
     ``p(y | x) = sum_k pi_k(x) N(y | x^T w_k, 1/beta_k)`` with ``w_k ~ N(w0_k, A_k)`` for
-    the default Bayesian linear experts. Use [`fit`][pyro_cwm.models.MixtureOfExperts.fit],
-    then [`predict`][pyro_cwm.models.MixtureOfExperts.predict],
+    the default Bayesian linear experts. Fit with
+    [`fit_experts_em(model, X, Y)`][inference.fit_experts_em], then
+    [`predict`][pyro_cwm.models.MixtureOfExperts.predict],
     [`predict_distribution`][pyro_cwm.models.MixtureOfExperts.predict_distribution],
     [`score`][pyro_cwm.models.MixtureOfExperts.score];
     [`model`][pyro_cwm.models.MixtureOfExperts.model] is the Pyro model.
@@ -134,7 +136,7 @@ class MixtureOfExperts(nn.Module):
         seed: seed of the random starts (``None``: torch's global RNG).
         progress: show a tqdm bar.
 
-    Attributes after [`fit`][pyro_cwm.models.MixtureOfExperts.fit]: ``history_`` (dict with
+    Attributes after [`fit_experts_em`][inference.fit_experts_em]: ``history_`` (dict with
     lists ``"lower_bound"`` and ``"log_likelihood"``, per point and iteration, of the best
     start), ``n_iter_``, ``converged_``, ``lower_bound_``.
 
@@ -255,7 +257,8 @@ class MixtureOfExperts(nn.Module):
         responsibilities, and those responsibilities (N, K)."""
         joint = self.log_joint(X, Y)
         log_norm = torch.logsumexp(joint, dim=-1)
-        bound = log_norm.sum() + self.experts.bound() + self.gate.bound() + self.penalty()
+        data_term = point_sums().total(log_norm.sum())  # over every process's points
+        bound = data_term + self.experts.bound() + self.gate.bound() + self.penalty()
         return bound, torch.exp(joint - log_norm.unsqueeze(-1))
 
     @torch.no_grad()
@@ -275,21 +278,7 @@ class MixtureOfExperts(nn.Module):
         joint = torch.log(self.gate(X)) + dist.Normal(mean, scale).log_prob(Y.unsqueeze(-1))
         return torch.softmax(joint, dim=-1)
 
-    # ------------------------------------------------------------------ estimator
-
-    def fit(self, X, Y) -> MixtureOfExperts:
-        """Fit by variational EM ([`fit_experts_em`][inference.fit_experts_em]); returns ``self``.
-
-        Raises:
-            TypeError, ValueError: for bad data (see
-                [`check_regression_data`][pyro_cwm.models.mixture_of_experts.check_regression_data])
-                or ``num_experts`` larger than the number of points.
-        """
-        # pyro_cwm does not depend on inference at import time; the loop lives there.
-        from inference.em import fit_experts_em
-
-        fit_experts_em(self, X, Y)
-        return self
+    # ------------------------------------------------------------------ prediction
 
     @torch.no_grad()
     def predict_distribution(self, X) -> dist.MixtureSameFamily:

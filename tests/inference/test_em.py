@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from inference import GaussianMixtureEM
-from inference.em import centered_expectation, expectation, feature_chunks, run_em
-from inference.gmm_families import chunk_statistics, m_step, second_order_features
+from inference.em.families import chunk_statistics, m_step, second_order_features
+from inference.em.loop import centered_expectation, expectation, feature_chunks, run_em
 from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
 

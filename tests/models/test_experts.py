@@ -11,6 +11,7 @@ import torch
 from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
 
+from inference import fit_experts_em
 from pyro_cwm.data import two_planes
 from pyro_cwm.models import (
     BayesianLinearExperts,
@@ -24,6 +25,13 @@ from pyro_cwm.models import (
 )
 
 D64 = torch.float64
+
+
+
+def fitted(model, X, Y):
+    """``model`` fitted by [`fit_experts_em`][inference.fit_experts_em] (the run is dropped)."""
+    fit_experts_em(model, X, Y)
+    return model
 
 
 def _regression(n=30, d=3, seed=0):
@@ -172,21 +180,21 @@ def test_bad_input_gives_clear_errors():
     X, Y, _ = two_planes(20, seed=0)
     model = MixtureOfExperts(2, 2, n_init=1, max_iter=2)
     with pytest.raises(ValueError, match="same length"):
-        model.fit(X, Y[:-1])
+        fit_experts_em(model, X, Y[:-1])
     bad = X.clone()
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="X contains NaN"):
-        model.fit(bad, Y)
+        fit_experts_em(model, bad, Y)
     bad = Y.clone()
     bad[5] = float("inf")
     with pytest.raises(ValueError, match="Y contains NaN or inf"):
-        model.fit(X, bad)
+        fit_experts_em(model, X, bad)
     with pytest.raises(ValueError, match="X must be 2-D"):
-        model.fit(X[:, 0], Y)
+        fit_experts_em(model, X[:, 0], Y)
     with pytest.raises(ValueError, match="3 columns"):
-        MixtureOfExperts(2, 3).fit(X, Y)
+        fit_experts_em(MixtureOfExperts(2, 3), X, Y)
     with pytest.raises(ValueError, match="Y must have shape"):
-        model.fit(X, torch.stack([Y, Y], -1))
+        fit_experts_em(model, X, torch.stack([Y, Y], -1))
     with pytest.raises(ValueError, match="num_experts must be >= 1"):
         MixtureOfExperts(0, 2)
     with pytest.raises(ValueError, match="num_models must be >= 1"):
@@ -194,7 +202,7 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(TypeError, match="num_experts must be an int"):
         MixtureOfExperts(2.0, 2)
     with pytest.raises(ValueError, match="must not exceed the number of points"):
-        MixtureOfExperts(3, 2).fit(X[:2], Y[:2])
+        fit_experts_em(MixtureOfExperts(3, 2), X[:2], Y[:2])
     with pytest.raises(ValueError, match="gate must be one of"):
         MixtureOfExperts(2, 2, gate="uniform")
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -204,12 +212,12 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="optimize must be a subset"):
         MixtureOfExperts(2, 2, optimize=("beta",))
     with pytest.raises(TypeError, match="X must be numeric"):
-        model.fit(np.array([["a", "b"]]), [1.0])
+        fit_experts_em(model, np.array([["a", "b"]]), [1.0])
 
 
 def test_predictive_distribution_is_a_normalized_mixture():
     X, Y, _ = two_planes(60, seed=1)
-    model = MixtureOfExperts(2, 2, n_init=1, max_iter=5).fit(X, Y)
+    model = fitted(MixtureOfExperts(2, 2, n_init=1, max_iter=5), X, Y)
     predictive = model.predict_distribution(X[:4])
     assert predictive.batch_shape == (4,) and predictive.event_shape == ()
     grid = torch.linspace(-200, 200, 40_001)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inference.gaussian_mixture_em import GaussianMixtureEM
+from inference.em.estimator import GaussianMixtureEM
 from inference.validation import as_data_tensor
 
 
@@ -10,7 +10,9 @@ def em_pretrain(cwm, data, **options) -> GaussianMixtureEM:
     """Fit a diagonal Gaussian mixture to ``data`` by EM and copy it into ``cwm``.
 
     Afterwards the CWM's density equals the fitted mixture's (constant classifier with
-    bias log weights, location-scale maps at the means and standard deviations).
+    bias log weights, location-scale maps at the means and standard deviations). Under
+    ``torchrun``, each process passes its shard of the data and every process's CWM gets
+    the mixture fitted on all of them (see [`GaussianMixtureEM`][inference.GaussianMixtureEM]).
 
     Args:
         cwm (pyro_cwm.CWM): a [`CWM`][pyro_cwm.nn.CWM] (K is ``cwm.num_components``).

@@ -2,7 +2,7 @@
 
 The estimator keeps scikit-learn's constructor, methods, fitted attributes and sign
 conventions (``sklearn.mixture.GaussianMixture``), and runs the EM loop of
-``inference.em`` on torch tensors wherever they live (CUDA included). Inputs may be
+``inference.em.loop`` on torch tensors wherever they live (CUDA included). Inputs may be
 numpy arrays (results come back as numpy arrays), torch tensors (results stay tensors on
 the fitted device) or memory-mapped arrays larger than memory (read in chunks).
 """
@@ -22,14 +22,16 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from inference.em import (
-    expectation,
-    feature_chunks,
-    run_em,
-    stepwise_statistics,
-    weighted_log_probs,
+from inference.em.distributed import (
+    all_reduce_sum,
+    check_shards,
+    communication_device,
+    is_distributed,
+    rank_and_size,
+    shard_offset,
+    shared_seed,
 )
-from inference.gmm_families import (
+from inference.em.families import (
     GaussianMixtureParameters,
     SufficientStatistics,
     centered_statistics,
@@ -43,7 +45,14 @@ from inference.gmm_families import (
     scale_from_covariances,
     second_order_features,
 )
-from inference.kmeans import kmeans, kmeans_plus_plus_indices
+from inference.em.kmeans import kmeans, kmeans_plus_plus
+from inference.em.loop import (
+    expectation,
+    feature_chunks,
+    run_em,
+    stepwise_statistics,
+    weighted_log_probs,
+)
 from pyro_cwm.distributions.gaussian_mixture import (
     COVARIANCE_TYPES,
     GaussianMixture,
@@ -63,6 +72,20 @@ class _Data:
             values = values.to(device=device, dtype=dtype)
         self.values, self.device, self.dtype, self.is_numpy = values, device, dtype, is_numpy
         self.num_rows, self.dim = values.shape
+        # This shard's place in the data set split across processes (see ``shard``).
+        self.offset, self.total_rows, self.memmap_anywhere = 0, self.num_rows, self.is_memmap
+
+    @property
+    def is_memmap(self) -> bool:
+        return not isinstance(self.values, Tensor)
+
+    def shard(self) -> _Data:
+        """Find this shard's place among the processes' shards (a no-op in one process)."""
+        if is_distributed():
+            self.offset, self.total_rows = shard_offset(self.num_rows)
+            flag = torch.tensor([float(self.is_memmap)], device=communication_device())
+            self.memmap_anywhere = bool(all_reduce_sum(flag)[0] > 0)
+        return self
 
     def rows(self, start: int, stop: int) -> Tensor:
         block = self.values[start:stop]
@@ -78,16 +101,47 @@ class _Data:
         return _ChunkReader(self, size, shift)
 
     def mean(self, size: int) -> Tensor:
-        total = sum(chunk.sum(0) for chunk in self.chunks(size))
-        return total / self.num_rows
+        """The mean row (d,) of the data set (of every process's shard).
+
+        The first pass over a memmap, which checks its values: under a process group a
+        NaN or inf in one shard is a ValueError on every process.
+        """
+        total, error = None, None
+        try:
+            total = sum(chunk.sum(0) for chunk in self.chunks(size))
+        except ValueError as caught:
+            if not is_distributed():
+                raise
+            error = caught
+        if is_distributed():
+            check_shards(self.dim, self.dtype, error)
+        return all_reduce_sum(total) / self.total_rows
 
     def init_rows(self, limit: int, generator: torch.Generator) -> Tensor:
-        """All rows of a tensor; at most ``limit`` random rows of a memmap."""
-        if isinstance(self.values, Tensor) or self.num_rows <= limit:
+        """All rows of a tensor; at most ``limit`` random rows of a memmap.
+
+        Under a process group: this shard's part of the rows, drawn among all the rows of
+        the data set (the same draw on every process).
+        """
+        if not self.memmap_anywhere or self.total_rows <= limit:
             return self.rows(0, self.num_rows)
-        index = torch.randperm(self.num_rows, generator=generator)[:limit].sort().values
-        block = torch.from_numpy(np.array(self.values[index.numpy()]))
+        index = torch.randperm(self.total_rows, generator=generator)[:limit].sort().values
+        index = index[(index >= self.offset) & (index < self.offset + self.num_rows)]
+        index = (index - self.offset).numpy()
+        block = self.values[index] if not self.is_memmap else np.array(self.values[index])
+        block = torch.as_tensor(block)
         return block.to(device=self.device, dtype=self.dtype)
+
+
+def _distinct_rows(x: Tensor, sharded: bool) -> int:
+    """The number of distinct rows of ``x`` (n, d), of every process's ``x`` if ``sharded``."""
+    unique = torch.unique(x, dim=0)
+    if not sharded:
+        return unique.shape[0]
+    offset, total = shard_offset(unique.shape[0])
+    gathered = unique.new_zeros(total, x.shape[1])
+    gathered[offset : offset + unique.shape[0]] = unique
+    return torch.unique(all_reduce_sum(gathered), dim=0).shape[0]
 
 
 class _ChunkReader:
@@ -143,9 +197,24 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     numpy array and tensors on the fitting device when it was a tensor; other methods
     return the type of their input.
 
+    Data-parallel fitting: under ``torchrun`` (a `torch.distributed` process group is
+    initialized), [`fit`][inference.GaussianMixtureEM.fit],
+    [`fit_predict`][inference.GaussianMixtureEM.fit_predict] and
+    [`partial_fit`][inference.GaussianMixtureEM.partial_fit] take this process's shard of
+    the data (a tensor on its device, or its slice of a ``numpy.memmap``; the shards in rank
+    order are the data set) and every process ends with the same fit: that of the
+    concatenated data in one process, up to rounding. The sums of the E-steps, of the
+    initialization (data mean, k-means, k-means++, random draws) and the convergence test
+    are shared by [`all_reduce_sum`][inference.em.distributed.all_reduce_sum]; every
+    process must call the method with the same parameters, and ``random_state=None`` takes
+    rank 0's seed. Other methods act on this process's data only.
+
     Errors: ValueError for invalid parameters (naming the parameter), NaN/inf or
     non-2-D data, fewer points than components, and a covariance that is not positive
     definite (increase ``reg_covar``); ``sklearn.exceptions.NotFittedError`` before fit.
+    Under a process group, shards of different widths or dtypes, or an invalid shard, give
+    a ValueError on every process (a process that stops elsewhere leaves the others waiting
+    until the group's timeout).
     """
 
     def __init__(
@@ -272,6 +341,23 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         dtype = fitted_dtype or self._torch_dtype(default)
         return _Data(values, device or torch.device("cpu"), dtype, is_numpy)
 
+    def _validate_shard(self, X, *, reset: bool, min_rows: int) -> _Data:
+        """``_validate`` for fitting: under a process group, every process's shard is
+        checked together (same width and dtype), so that a bad shard raises a ValueError on
+        every process instead of leaving the others waiting."""
+        data, error = None, None
+        try:
+            data = self._validate(X, reset=reset, min_rows=min_rows)
+        except ValueError as caught:
+            if not is_distributed():
+                raise
+            error = caught
+        if data is None:
+            check_shards(0, torch.float64, error)  # raises on every process
+        else:
+            check_shards(data.dim, data.dtype)
+        return data.shard()
+
     def _validate_tensor(self, X: Tensor, min_rows: int) -> Tensor:
         if X.is_complex():
             raise ValueError("Complex data not supported: X must be real")
@@ -312,13 +398,16 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     @staticmethod
     def _centered(dtype: torch.dtype) -> bool:
         # float32 whitens per component (accurate far from the means); float64 takes the
-        # faster feature products. See inference.gmm_families.
+        # faster feature products. See inference.em.families.
         return dtype == torch.float32
 
     def _feature_bytes(self, data: _Data) -> int:
         return data.num_rows * feature_width(data.dim, self.covariance_type) * data.dtype.itemsize
 
-    def _generator(self) -> torch.Generator:
+    def _generator(self, shared: bool = False) -> torch.Generator:
+        """A CPU generator seeded from ``random_state``; ``shared``: under a process group,
+        with rank 0's seed (a collective: for the fitting methods, which every process
+        calls)."""
         state = self.random_state
         if isinstance(state, np.random.RandomState):
             seed = int(state.randint(2**31 - 1))
@@ -328,7 +417,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
             seed = int(state)
         else:
             raise ValueError(f"random_state must be None, an int or a RandomState, got {state!r}")
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(shared_seed(seed) if shared else seed)
 
     def _user_tensor(self, name: str, value, shape: tuple, like: Tensor) -> Tensor:
         tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, Tensor) else value)
@@ -358,10 +447,15 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
             )
         x = data.init_rows(MEMMAP_INIT_ROWS, generator) - shift
         n, k, kind = x.shape[0], self.n_components, self.covariance_type
+        # Under a process group x is this process's part of the initialization rows; every
+        # draw below is made for all of them, from the same generator on every process.
+        sharded = is_distributed()
+        offset, total = shard_offset(n) if sharded else (0, n)
         if self.init_params == "kmeans":
-            labels = kmeans(x, k, generator)[1]
-            if torch.bincount(labels, minlength=k).min() == 0:
-                distinct = torch.unique(x, dim=0).shape[0]
+            labels = kmeans(x, k, generator, sharded=sharded)[1]
+            counts = all_reduce_sum(torch.bincount(labels, minlength=k))
+            if counts.min() == 0:
+                distinct = _distinct_rows(x, sharded)
                 if distinct < k:
                     raise ValueError(
                         f"n_components ({k}) is larger than the number of distinct points "
@@ -369,15 +463,18 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                     )
             resp = torch.nn.functional.one_hot(labels, k).to(x.dtype)
         elif self.init_params == "random":
-            resp = torch.rand(n, k, generator=generator, dtype=x.dtype).to(x.device)
+            resp = torch.rand(total, k, generator=generator, dtype=x.dtype)[offset : offset + n]
+            resp = resp.to(x.device)
             resp = resp / resp.sum(1, keepdim=True)
         else:
             if self.init_params == "k-means++":
-                index = kmeans_plus_plus_indices(x, k, generator)
+                index = kmeans_plus_plus(x, k, generator, sharded=sharded)[0]
             else:
-                index = torch.randperm(n, generator=generator)[:k].to(x.device)
+                index = torch.randperm(total, generator=generator)[:k].to(x.device)
+            index = index - offset
+            mine = (index >= 0) & (index < n)  # the seeds in this shard
             resp = x.new_zeros(n, k)
-            resp[index, torch.arange(k, device=x.device)] = 1.0
+            resp[index[mine], torch.arange(k, device=x.device)[mine]] = 1.0
         params = m_step(self._statistics(x, resp), kind, self.reg_covar, self.constant_variance)
         return self._apply_user_init(params, shift)
 
@@ -392,12 +489,13 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 for xc, rc, lc in pieces
             )
         else:  # moments about the responsibility-weighted means, for accuracy
-            center = (resp.T @ x) / (resp.sum(0) + 10 * torch.finfo(x.dtype).eps).unsqueeze(-1)
+            moment, mass = all_reduce_sum([resp.T @ x, resp.sum(0)])
+            center = moment / (mass + 10 * torch.finfo(x.dtype).eps).unsqueeze(-1)
             parts = (
                 centered_statistics(xc.unsqueeze(0) - center.unsqueeze(1), rc.T, lc, kind, center)
                 for xc, rc, lc in pieces
             )
-        return functools.reduce(operator.add, parts)
+        return all_reduce_sum(functools.reduce(operator.add, parts))
 
     def _apply_user_init(
         self, params: GaussianMixtureParameters, shift: Tensor
@@ -443,16 +541,16 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         """
         self._check_parameters()
         do_init = not (self.warm_start and self.__sklearn_is_fitted__())
-        data = self._validate(X, reset=do_init, min_rows=2)
-        if data.num_rows < self.n_components:
+        data = self._validate_shard(X, reset=do_init, min_rows=2)
+        if data.total_rows < self.n_components:
             raise ValueError(
                 "Expected n_samples >= n_components but got "
-                f"n_components = {self.n_components}, n_samples = {data.num_rows}"
+                f"n_components = {self.n_components}, n_samples = {data.total_rows}"
             )
         size = self._chunk_size(data.dim, data.device, data.dtype)
         shift = data.mean(size)
         chunks = data.chunks(size, shift)
-        generator = self._generator()
+        generator = self._generator(shared=True)
         kind = self.covariance_type
         best, best_bound = None, -math.inf
         for _ in range(self.n_init if do_init else 1):
@@ -470,7 +568,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 reg_covar=self.reg_covar,
                 constant_variance=self.constant_variance,
                 lower_bound=bound,
-                progress=self.verbose > 0,
+                progress=self.verbose > 0 and rank_and_size()[0] == 0,
                 cache_features=self._feature_bytes(data) <= FEATURE_CACHE_BYTES,
                 centered=self._centered(data.dtype),
             )
@@ -508,22 +606,23 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         """
         self._check_parameters()
         first = not (self.__sklearn_is_fitted__() and hasattr(self, "_running"))
-        data = self._validate(X, reset=first, min_rows=1)
+        data = self._validate_shard(X, reset=first, min_rows=1)
         size = self._chunk_size(data.dim, data.device, data.dtype)
         kind = self.covariance_type
         if first:
-            if data.num_rows < self.n_components:
+            if data.total_rows < self.n_components:
                 raise ValueError(
                     "the first partial_fit batch needs n_samples >= n_components, got "
-                    f"n_components = {self.n_components}, n_samples = {data.num_rows}"
+                    f"n_components = {self.n_components}, n_samples = {data.total_rows}"
                 )
             shift = data.mean(size)
-            params = self._initial_parameters(data, shift, self._generator())
+            params = self._initial_parameters(data, shift, self._generator(shared=True))
             self._running, self._updates, self._shift = None, 0, shift
         else:
             shift = self._shift
             params = self._params.shifted(shift)
         stats = expectation(feature_chunks(data.chunks(size, shift), kind), params, kind)
+        stats = all_reduce_sum(stats)  # the minibatches of every process
         step = (self._updates + self.learning_offset) ** -self.learning_decay
         self._running = stepwise_statistics(self._running, stats, step)
         params = m_step(self._running, kind, self.reg_covar, self.constant_variance)

@@ -1,6 +1,6 @@
 r"""What differs between the covariance families of a Gaussian mixture under EM.
 
-The EM loop (``inference.em``) is written once; this module holds, per family, the
+The EM loop (``inference.em.loop``) is written once; this module holds, per family, the
 three things it needs: the E-step log-densities of a chunk of points, the sufficient
 statistics of a chunk given its responsibilities, and the M-step from summed statistics.
 

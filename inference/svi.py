@@ -44,19 +44,18 @@ def _buffer_values(guide) -> dict[str, torch.Tensor]:
 INITIAL_LR, FINAL_LR = 1e-2, 1e-3
 
 
-def _reschedule(optim_state: dict, remaining: int) -> dict:
-    """The default optimizer's state, its decay set to reach FINAL_LR in ``remaining`` steps.
+def default_step_size(step: int, num_steps: int) -> float:
+    """The default step size at ``step`` of a run of ``num_steps``: 0.01 for the first
+    half, then decaying exponentially to 0.001 at the last step.
 
-    A resumed run with the same ``num_steps`` gets its own schedule back; one resumed with
-    more steps (training extended) decays from where it is to the same final step size.
+    The constant half gets the parameters to the optimum as a constant step would; the
+    decay then shrinks the jitter that a constant step leaves around it (on a tight
+    posterior, many posterior sds). A longer run decays more slowly to the same end.
     """
-    if remaining <= 0:
-        return optim_state
-    for param_state in optim_state.values():
-        for group in param_state.get("param_groups", []):
-            if "lrd" in group:
-                group["lrd"] = (FINAL_LR / group["lr"]) ** (1 / remaining)
-    return optim_state
+    half = num_steps // 2
+    if step < half:
+        return INITIAL_LR
+    return INITIAL_LR * (FINAL_LR / INITIAL_LR) ** ((step - half) / max(1, num_steps - 1 - half))
 
 
 def _drifted(history: dict, smoothing: float) -> bool:
@@ -68,11 +67,11 @@ def _drifted(history: dict, smoothing: float) -> bool:
     have risen by more than five times the noise of the average (the loss's sd over the
     last steps times sqrt((1 - s) / (1 + s))).
     """
-    if history["best_step"] == history["steps"] - 1:
+    if history["settled_best_step"] in (None, history["steps"] - 1):
         return False
     window = torch.tensor(history["loss"][-max(20, round(5 / (1 - smoothing))) :])
     noise = window.std().item() * math.sqrt((1 - smoothing) / (1 + smoothing))
-    return history["smoothed_loss"][-1] - history["best_smoothed_loss"] > 5 * noise
+    return history["smoothed_loss"][-1] - history["settled_best_loss"] > 5 * noise
 
 
 def fit_svi(
@@ -102,14 +101,14 @@ def fit_svi(
             guide with AutoCWM parts (an AutoCWM, or an ``AutoGuideList`` holding one),
             ``Trace_ELBO`` otherwise.
         num_steps: maximum number of steps.
-        optim: a Pyro optimizer. The default, ``pyro.optim.ClippedAdam`` with step size
-            0.01 decaying exponentially to 0.001 at ``num_steps`` (and gradient norms
-            clipped at 10), lets the fit settle: a constant step size leaves the
-            parameters jittering around the optimum at a distance set by the step size,
-            which on a tight posterior is many posterior sds. A longer run decays more
-            slowly and ends at the same small step. A learning-rate schedule
-            (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is stepped once
-            per SVI step.
+        optim: a Pyro optimizer. The default, ``pyro.optim.ClippedAdam`` (gradient norms
+            clipped at 10) with the step size of
+            [`default_step_size`][inference.svi.default_step_size] (0.01 for the first
+            half of ``num_steps``, then decaying to 0.001), lets the fit settle: a constant
+            step leaves the parameters jittering around the optimum at a distance set by
+            the step, which on a tight posterior is many posterior sds. A learning-rate
+            schedule (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is
+            stepped once per SVI step.
         device: move tensor arguments there (e.g. ``"cuda"``); by default they stay where
             they are, and parameters are created where the model's data are.
         progress: show a tqdm bar with the running loss.
@@ -119,10 +118,9 @@ def fit_svi(
             with bias correction (0 <= smoothing < 1).
         min_delta: the improvement of the smoothed loss that counts for ``patience``.
         keep_best: at the end, restore the parameters of the step with the best smoothed
-            loss (counted from step ``1 / (1 - smoothing)`` on, once the average has
-            enough terms) when the final smoothed loss is worse by more than five times
-            its noise: a run that drifts ends no worse than its best, and a merely noisy
-            one keeps its last parameters.
+            loss in the second half of the run (the settling phase) when the final smoothed
+            loss is worse by more than five times its noise: a run that drifts ends no
+            worse than its best, and a merely noisy one keeps its last parameters.
         checkpoint: path of a checkpoint (parameters, the guide's buffers, optimizer state,
             RNG state and history) written every ``checkpoint_every`` steps and at the end
             (before the best parameters are restored); with ``resume``, an existing
@@ -131,7 +129,7 @@ def fit_svi(
     Returns:
         ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool,
         "time_s": seconds, "best_step": step, "best_smoothed_loss": value,
-        "restored_best": bool}``.
+        "settled_best_step": step, "settled_best_loss": value, "restored_best": bool}``.
 
     Raises:
         FloatingPointError: when the loss or a gradient is not finite; the parameters are
@@ -148,8 +146,7 @@ def fit_svi(
         loss = CWMELBO() if cwm_guides(guide) else Trace_ELBO()
     default_optim = optim is None
     if default_optim:
-        decay = (FINAL_LR / INITIAL_LR) ** (1 / num_steps)
-        optim = pyro.optim.ClippedAdam({"lr": INITIAL_LR, "lrd": decay, "clip_norm": 10.0})
+        optim = pyro.optim.ClippedAdam({"lr": INITIAL_LR, "clip_norm": 10.0})
 
     history: dict[str, Any] = {
         "loss": [],
@@ -160,6 +157,8 @@ def fit_svi(
         "best_smoothed_loss": math.inf,
         "best_step": 0,
         "restored_best": False,
+        "settled_best_loss": math.inf,
+        "settled_best_step": None,
     }
     best_params: dict[str, torch.Tensor] = {}
     if checkpoint is not None and resume and os.path.exists(checkpoint):
@@ -174,8 +173,11 @@ def fit_svi(
                 if name in buffers:
                     buffers[name].copy_(value)
         optim_state = state["optim"]
-        if default_optim:
-            optim_state = _reschedule(optim_state, num_steps - state["history"]["steps"])
+        if default_optim:  # the optimizers are re-created from this state at their next step
+            lr = default_step_size(state["history"]["steps"], num_steps)
+            for param_state in optim_state.values():
+                for group in param_state.get("param_groups", []):
+                    group["lr"] = lr
         optim.set_state(optim_state)
         torch.set_rng_state(state["rng"])
         history = state["history"]
@@ -197,6 +199,7 @@ def fit_svi(
         )
 
     burn_in = math.ceil(1 / (1 - smoothing)) if smoothing > 0 else 0
+    settle_from = max(burn_in, num_steps // 2)
     started = time.perf_counter() - history["time_s"]
     bar = tqdm(
         range(history["steps"], num_steps),
@@ -219,6 +222,11 @@ def fit_svi(
                 f"non-finite at step {step}; the parameters are those of the last finite "
                 "step (try a smaller learning rate)"
             )
+        if default_optim:
+            lr = default_step_size(step, num_steps)
+            for torch_optim in optim.optim_objs.values():
+                for group in torch_optim.param_groups:
+                    group["lr"] = lr
         optim(params)
         if isinstance(optim, pyro.optim.PyroLRScheduler):
             optim.step()
@@ -233,10 +241,13 @@ def fit_svi(
             history["best_step"] = step
         elif smoothed < history["best_smoothed_loss"] - min_delta:
             history["best_smoothed_loss"], history["best_step"] = smoothed, step
-            if keep_best:
-                best_params = _param_values()
         elif patience is not None and step - history["best_step"] >= patience:
             history["stopped_early"] = True
+        # Candidates for the end: the settling phase only (steps that arrive at the
+        # optimum, or that follow the classifier's warm-up, are not worth restoring).
+        if keep_best and step >= settle_from and smoothed < history["settled_best_loss"]:
+            history["settled_best_loss"], history["settled_best_step"] = smoothed, step
+            best_params = _param_values()
         bar.set_postfix(loss=f"{smoothed:.4g}")
         history["time_s"] = time.perf_counter() - started
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:

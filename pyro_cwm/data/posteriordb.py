@@ -75,13 +75,20 @@ def _flat_real(name: str, shape: tuple[int, ...], one: Tensor) -> Tensor:
     return value
 
 
+class _PositiveOrderedBase(dist.TransformedDistribution):
+    """A transformed distribution that declares its support positive ordered (its transform
+    maps onto it), so that guides and initializers use the ordered bijection."""
+
+    support = constraints.positive_ordered_vector
+
+
 def _positive_ordered(name: str, loc: tuple[float, float], one: Tensor) -> Tensor:
     """A positive ordered pair (0 < x_1 < x_2) with Stan's prior ``N(x_k | loc_k, 1)``
     on the constrained values (no truncation terms): a proper base on the ordered pair
-    (a wide Normal pushed through Pyro's positive-ordered bijection), whose density a
+    (a standard Normal pushed through Pyro's positive-ordered bijection), whose density a
     ``pyro.factor`` swaps for the Normals."""
-    base = dist.TransformedDistribution(
-        dist.Normal(0.0 * one, 3.0 * one).expand([2]).to_event(1),
+    base = _PositiveOrderedBase(
+        dist.Normal(0.0 * one, one).expand([2]).to_event(1),
         biject_to(constraints.positive_ordered_vector),
     )
     value = pyro.sample(name, base)

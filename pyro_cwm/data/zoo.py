@@ -41,8 +41,8 @@ class ZooPosterior(ReferencePosterior):
     """A zoo model with reference draws and what a benchmark needs to judge a fit.
 
     Attributes (beyond [`ReferencePosterior`][pyro_cwm.data.posteriordb.ReferencePosterior]'s):
-        full_args: the model's arguments without subsampling (for NUTS and PSIS); equal to
-            ``args`` where the model does not subsample.
+        full_args: the model's arguments without subsampling (for NUTS and PSIS); the
+            ``args`` tuple itself where the model does not subsample.
         log_z: the exact log evidence log p(data), or None where it is not known.
         global_sites: for a model with local latents in a subsampled plate, the global
             sites (the compared ones); a guide then is an ``AutoGuideList`` of a guide on
@@ -115,13 +115,14 @@ def make_mixture_enum(num_draws: int = 10_000, seed: int = 0) -> ZooPosterior:
     cells = torch.multinomial(log_mass.exp().reshape(-1), num_draws, True, generator=generator)
     jitter = (torch.rand(num_draws, 2, generator=generator, dtype=torch.float64) - 0.5) * step
     draws = torch.stack((grid[cells // grid.shape[0]], grid[cells % grid.shape[0]]), -1)
+    args = (y,)
     return ZooPosterior(
         "mixture_enum",
         mixture_enum,
-        (y,),
+        args,
         ["loc[1]", "loc[2]"],
         (draws + jitter).float(),
-        full_args=(y,),
+        full_args=args,
         log_z=log_z,
         enumerated=True,
         notes=["reference: 2-D quadrature (501^2 grid on [-5, 5]^2)"],
@@ -306,13 +307,14 @@ def make_linreg100(
     mean, cov, log_z = linreg_posterior(x, y)
     eps = torch.randn(num_draws, dim, generator=generator, dtype=torch.float64)
     draws = mean + eps @ torch.linalg.cholesky(cov).T
+    args = (x, y)
     return ZooPosterior(
         "linreg100",
         linreg,
-        (x, y),
+        args,
         [f"w[{i + 1}]" for i in range(dim)],
         draws.float(),
-        full_args=(x, y),
+        full_args=args,
         log_z=log_z,
         notes=["exact Gaussian posterior"],
     )

@@ -38,9 +38,10 @@ from pyro_cwm.data.posteriordb import ReferencePosterior
 
 @dataclass
 class ZooPosterior(ReferencePosterior):
-    """A zoo model with reference draws and what a benchmark needs to judge a fit.
+    """A zoo model with reference draws and what a benchmark needs to judge a fit: a
+    [`ReferencePosterior`][pyro_cwm.data.posteriordb.ReferencePosterior] with more fields.
 
-    Attributes (beyond [`ReferencePosterior`][pyro_cwm.data.posteriordb.ReferencePosterior]'s):
+    Attributes:
         full_args: the model's arguments without subsampling (for NUTS and PSIS); the
             ``args`` tuple itself where the model does not subsample.
         log_z: the exact log evidence log p(data), or None where it is not known.

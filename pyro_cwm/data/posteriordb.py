@@ -17,7 +17,9 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from torch import Tensor
+from torch.distributions import biject_to
 
 from pyro_cwm.data.posteriors import eight_schools
 
@@ -61,6 +63,37 @@ def _flat_positive(name: str, one: Tensor) -> Tensor:
     base = dist.LogNormal(0.0 * one, 10.0 * one)
     value = pyro.sample(name, base)
     pyro.factor(f"{name}_flat_prior", -base.log_prob(value))
+    return value
+
+
+def _flat_real(name: str, shape: tuple[int, ...], one: Tensor) -> Tensor:
+    """A real site (event shape ``shape``) with a flat (improper) prior: proper wide Normal
+    base, cancelled. ``one`` is a scalar 1 of the model's dtype."""
+    base = dist.Normal(0.0 * one, 10.0 * one).expand(shape).to_event(len(shape))
+    value = pyro.sample(name, base)
+    pyro.factor(f"{name}_flat_prior", -base.log_prob(value))
+    return value
+
+
+class _PositiveOrderedBase(dist.TransformedDistribution):
+    """A transformed distribution that declares its support positive ordered (its transform
+    maps onto it), so that guides and initializers use the ordered bijection."""
+
+    support = constraints.positive_ordered_vector
+
+
+def _positive_ordered(name: str, loc: tuple[float, float], one: Tensor) -> Tensor:
+    """A positive ordered pair (0 < x_1 < x_2) with Stan's prior ``N(x_k | loc_k, 1)``
+    on the constrained values (no truncation terms): a proper base on the ordered pair
+    (a standard Normal pushed through Pyro's positive-ordered bijection), whose density a
+    ``pyro.factor`` swaps for the Normals."""
+    base = _PositiveOrderedBase(
+        dist.Normal(0.0 * one, one).expand([2]).to_event(1),
+        biject_to(constraints.positive_ordered_vector),
+    )
+    value = pyro.sample(name, base)
+    prior = dist.Normal(torch.tensor(loc, dtype=one.dtype), one).log_prob(value).sum(-1)
+    pyro.factor(f"{name}_prior", prior - base.log_prob(value))
     return value
 
 
@@ -117,6 +150,72 @@ def gp_pois_regr(x: Tensor, k: Tensor) -> None:
     pyro.sample("k", dist.Poisson(f.exp()).to_event(1), obs=k)
 
 
+def diamonds(x: Tensor, y: Tensor) -> None:
+    """brms linear regression of log price on 24 centered predictors (diamonds).
+
+    ``x`` (N, 24) are the predictors without the column of ones (centered here), ``y``
+    (N,). b ~ N(0, 1), Intercept ~ StudentT(3, 8, 10), sigma ~ HalfStudentT(3, 10),
+    y ~ N(Intercept + x_c b, sigma). Nearly collinear columns make the posterior badly
+    conditioned (correlation condition number ~2.6e5): pass float64.
+    """
+    one = torch.ones((), dtype=x.dtype)
+    xc = x - x.mean(0)
+    b = pyro.sample("b", dist.Normal(0.0 * one, one).expand([x.shape[1]]).to_event(1))
+    intercept = pyro.sample("Intercept", dist.StudentT(3.0 * one, 8.0 * one, 10.0 * one))
+    sigma = pyro.sample(
+        "sigma", dist.FoldedDistribution(dist.StudentT(3.0 * one, 0.0 * one, 10.0 * one))
+    )
+    # One event of N observations (as in gp_pois_regr): b has no slot for a data plate, so
+    # the linear predictor is a plain product, (..., 24) @ (24, N).
+    mean = intercept[..., None] + b @ xc.T
+    pyro.sample("y", dist.Normal(mean, sigma[..., None]).to_event(1), obs=y)
+
+
+def nes(x: Tensor, y: Tensor) -> None:
+    """Linear regression of party identification on 9 predictors (NES 2000).
+
+    ``x`` (N, 9) has a first column of ones, ``y`` (N,); flat priors on beta and sigma.
+    """
+    one = torch.ones((), dtype=x.dtype)
+    beta = _flat_real("beta", (x.shape[1],), one)
+    sigma = _flat_positive("sigma", one)
+    mean = beta @ x.T  # one event of N observations, as in diamonds
+    pyro.sample("y", dist.Normal(mean, sigma[..., None]).to_event(1), obs=y)
+
+
+def hmm_drive(u: Tensor, v: Tensor, alpha: Tensor) -> None:
+    """Two-state HMM of a basketball drive (hmm_drive_0) with the states summed out.
+
+    Observations per step t: ``u`` (T,) and ``v`` (T,), Exponential with rates
+    ``phi[k]`` and ``lambda[k]`` in state k. Rows of the transition matrix theta1,
+    theta2 ~ Dirichlet(alpha[k]) (``alpha`` (2, 2)); phi and lambda are positive ordered
+    with N(0, 1), N(3, 1) priors.
+
+    The states are summed out by Pyro's ``DiscreteHMM`` (the forward algorithm as a
+    parallel scan). Stan's recursion starts at step 1 with weight 1 per state and no
+    initial distribution, while ``DiscreteHMM`` draws a state, transitions, then emits: so
+    step 1's emission log-weights gamma_1 serve as its (normalized) initial logits over
+    steps 2..T, and a ``pyro.factor`` adds back logsumexp(gamma_1). The density is
+    then exactly Stan's.
+    """
+    one = torch.ones((), dtype=u.dtype)
+    theta1 = pyro.sample("theta1", dist.Dirichlet(alpha[0].to(u.dtype)))
+    theta2 = pyro.sample("theta2", dist.Dirichlet(alpha[1].to(u.dtype)))
+    phi = _positive_ordered("phi", (0.0, 3.0), one)
+    lam = _positive_ordered("lambda", (0.0, 3.0), one)
+    transition = torch.stack((theta1, theta2), -2).log()  # (..., from, to)
+    rates = torch.stack((phi, lam), -1)  # (..., state, observation)
+    obs = torch.stack((u, v), -1)  # (T, 2)
+    first = dist.Exponential(rates).to_event(1).log_prob(obs[0])  # gamma_1, (..., state)
+    pyro.factor("obs_first", first.logsumexp(-1))
+    hmm = dist.DiscreteHMM(
+        first,
+        transition[..., None, :, :],
+        dist.Exponential(rates[..., None, :, :]).to_event(1),
+    )
+    pyro.sample("obs", hmm, obs=obs[1:])
+
+
 def _read(root: Path, folder: str) -> tuple[dict, list[str], Tensor]:
     data = json.loads((root / folder / "data.json").read_text())
     chains = json.loads((root / folder / "draws.json").read_text())
@@ -127,7 +226,16 @@ def _read(root: Path, folder: str) -> tuple[dict, list[str], Tensor]:
     return data, columns, draws
 
 
-POSTERIORS = ["eight_schools", "low_dim_gauss_mix", "kilpisjarvi", "arK", "gp_pois_regr"]
+POSTERIORS = [
+    "eight_schools",
+    "low_dim_gauss_mix",
+    "kilpisjarvi",
+    "arK",
+    "gp_pois_regr",
+    "diamonds",
+    "nes",
+    "hmm_drive_0",
+]
 
 
 def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
@@ -176,4 +284,35 @@ def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
         data, columns, draws = _read(root, "gp_pois_regr-gp_pois_regr")
         args = (tensor(data["x"], dtype=torch.float64), tensor(data["k"], dtype=torch.float64))
         return ReferencePosterior(name, gp_pois_regr, args, columns, draws.double())
+    if name == "diamonds":
+        data, columns, draws = _read(root, "diamonds-diamonds")
+        x = tensor(data["X"], dtype=torch.float64)[:, 1:]
+        return ReferencePosterior(
+            name, diamonds, (x, tensor(data["Y"], dtype=torch.float64)), columns, draws.double()
+        )
+    if name == "nes":
+        data, columns, draws = _read(root, "nes2000-nes")
+        age = tensor(data["age_discrete"])
+        predictors = [
+            torch.ones(len(age)),
+            tensor(data["real_ideo"]),
+            tensor(data["race_adj"]),
+            age == 2,
+            age == 3,
+            age == 4,
+            tensor(data["educ1"]),
+            tensor(data["gender"]),
+            tensor(data["income"]),
+        ]
+        x = torch.stack([p.to(torch.float64) for p in predictors], -1)
+        args = (x, tensor(data["partyid7"], dtype=torch.float64))
+        return ReferencePosterior(name, nes, args, columns, draws.double())
+    if name == "hmm_drive_0":
+        data, columns, draws = _read(root, "bball_drive_event_0-hmm_drive_0")
+        args = (
+            tensor(data["u"], dtype=torch.float64),
+            tensor(data["v"], dtype=torch.float64),
+            tensor(data["alpha"], dtype=torch.float64),
+        )
+        return ReferencePosterior(name, hmm_drive, args, columns, draws.double())
     raise ValueError(f"name must be one of {POSTERIORS}, got {name!r}")

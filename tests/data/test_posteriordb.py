@@ -80,3 +80,109 @@ def test_flatten_orders_site_samples_by_column():
     assert posterior.columns[:2] == ["theta[1]", "theta[2]"]
     assert flat[1, 0] == 8.0 and flat[0, posterior.columns.index("mu")] == 100.0
     pyro.clear_param_store()
+
+
+FOLDERS = {
+    "diamonds": "diamonds-diamonds",
+    "nes": "nes2000-nes",
+    "hmm_drive_0": "bball_drive_event_0-hmm_drive_0",
+}
+
+
+def info_marginals(folder):
+    """The (mean, sd) table of a folder's info.txt: {column: (mean, sd)}."""
+    lines = (REFPOST / folder / "info.txt").read_text().splitlines()
+    start = lines.index("reference marginals (mean, sd):") + 1
+    table = {}
+    for line in lines[start:]:
+        if line.strip():
+            column, mean, sd = line.split()
+            table[column] = (float(mean), float(sd))
+    return table
+
+
+@pytest.mark.parametrize("name", list(FOLDERS))
+def test_new_posteriors_load_the_marginals_of_their_info_table(name):
+    posterior = load_reference_posterior(name, REFPOST)
+    table = info_marginals(FOLDERS[name])
+    assert list(table) == posterior.columns
+    expected = torch.tensor(list(table.values()), dtype=torch.float64)
+    assert torch.allclose(posterior.draws.mean(0), expected[:, 0], rtol=1e-3, atol=1e-6)
+    assert torch.allclose(posterior.draws.std(0), expected[:, 1], rtol=1e-3, atol=1e-6)
+
+
+def data_json(name):
+    import json
+
+    return json.loads((REFPOST / FOLDERS[name] / "data.json").read_text())
+
+
+def test_diamonds_matches_a_direct_computation():
+    posterior = load_reference_posterior("diamonds", REFPOST)
+    data = data_json("diamonds")
+    x = np.asarray(data["X"])[:, 1:]
+    xc = x - x.mean(0)
+    y = np.asarray(data["Y"])
+    for row in posterior.draws[:2]:
+        b, intercept, sigma = row[:24].numpy(), row[24].item(), row[25].item()
+        expected = (
+            stats.norm(intercept + xc @ b, sigma).logpdf(y).sum()
+            + stats.norm(0, 1).logpdf(b).sum()
+            + stats.t(3, loc=8, scale=10).logpdf(intercept)
+            + np.log(2) + stats.t(3, loc=0, scale=10).logpdf(sigma)
+        )
+        assert log_joint(posterior, site_values(posterior, row)) == pytest.approx(
+            expected, rel=1e-10
+        )
+
+
+def test_nes_matches_a_direct_computation():
+    posterior = load_reference_posterior("nes", REFPOST)
+    d = {k: np.asarray(v, dtype=float) for k, v in data_json("nes").items() if k != "N"}
+    for row in posterior.draws[:2]:
+        beta, sigma = row[:9].numpy(), row[9].item()
+        mean = (
+            beta[0] + beta[1] * d["real_ideo"] + beta[2] * d["race_adj"]
+            + beta[3] * (d["age_discrete"] == 2) + beta[4] * (d["age_discrete"] == 3)
+            + beta[5] * (d["age_discrete"] == 4) + beta[6] * d["educ1"]
+            + beta[7] * d["gender"] + beta[8] * d["income"]
+        )
+        expected = stats.norm(mean, sigma).logpdf(d["partyid7"]).sum()  # flat priors
+        assert log_joint(posterior, site_values(posterior, row)) == pytest.approx(
+            expected, rel=1e-10
+        )
+
+
+def stan_hmm_drive_log_density(row, data):
+    """info.txt's formula: priors plus Stan's forward algorithm (weight 1 per start state)."""
+    theta = np.array([[row[0], row[1]], [row[2], row[3]]])
+    phi, lam = row[4:6], row[6:8]
+    alpha = np.asarray(data["alpha"], dtype=float)
+    u, v = np.asarray(data["u"]), np.asarray(data["v"])
+    emission = stats.expon(scale=1 / phi).logpdf(u[:, None]) + stats.expon(
+        scale=1 / lam
+    ).logpdf(v[:, None])  # (T, K)
+    gamma = emission[0]
+    for t in range(1, len(u)):
+        gamma = np.array(
+            [np.logaddexp.reduce(gamma + np.log(theta[:, k])) for k in range(2)]
+        ) + emission[t]
+    prior = (
+        stats.dirichlet(alpha[0]).logpdf(theta[0])
+        + stats.dirichlet(alpha[1]).logpdf(theta[1])
+        + stats.norm([0, 3], 1).logpdf(phi).sum()
+        + stats.norm([0, 3], 1).logpdf(lam).sum()
+    )
+    return prior + np.logaddexp.reduce(gamma)
+
+
+def test_hmm_drive_matches_stans_forward_algorithm():
+    posterior = load_reference_posterior("hmm_drive_0", REFPOST)
+    data = data_json("hmm_drive_0")
+    for row in posterior.draws[:2]:
+        # Dirichlet draws sum to one only to float precision: renormalize for both.
+        row = row.clone()
+        row[:2], row[2:4] = row[:2] / row[:2].sum(), row[2:4] / row[2:4].sum()
+        expected = stan_hmm_drive_log_density(row.numpy(), data)
+        got = log_joint(posterior, site_values(posterior, row))
+        assert got == pytest.approx(expected, rel=1e-10)

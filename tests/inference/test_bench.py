@@ -106,3 +106,55 @@ def test_experts_bench_runs_on_one_seed():
     ours = [r for r in rows if r["method"] == "ours"]
     assert {r["model"] for r in ours} == {"MoM", "MoE"}
     assert all(r["success"] for r in ours)  # the seed's own data set: both planes found
+
+
+REFPOST = vi.DEFAULT_REFPOST
+NEW_POSTERIORS = ["diamonds", "nes", "hmm_drive_0"]
+
+
+@pytest.mark.parametrize("target", ["mixture_enum", "hierarchical", "logistic", "linreg100"]
+                         + NEW_POSTERIORS)
+def test_vi_bench_runs_each_new_target(target, tmp_path):
+    if target in NEW_POSTERIORS and not REFPOST.is_dir():
+        pytest.skip("shared/refpost not present")
+    rows = vi.main(["--targets", target, "--methods", "AutoNormal,AutoCWM", "--steps", "3",
+                    "--samples", "50", "--components", "2", "--out", str(tmp_path / "vi.json")])
+    assert [r["method"] for r in rows] == ["AutoNormal", "AutoCWM"]
+    for r in rows:
+        assert not r["note"].startswith("failed"), r["note"]
+        assert math.isfinite(r["energy"]) and math.isfinite(r["mean_err"])
+        assert 0 < r["sd_min"] <= r["sd_max"]
+        if target == "hierarchical":  # local latents in a subsampled plate: a guide list
+            assert "AutoGuideList" in r["note"] and math.isnan(r["k_hat"])
+        else:
+            assert math.isfinite(r["elbo"])
+        if target in ("mixture_enum", "linreg100"):  # log Z known: KL = log Z - ELBO
+            assert r["kl"] == pytest.approx(vi.zoo_problem(target, 0).log_z - r["elbo"])
+
+
+def test_vi_bench_runs_nuts_on_full_data_for_a_subsampled_model(tmp_path):
+    rows = vi.main(["--targets", "hierarchical", "--methods", "NUTS", "--nuts-warmup", "5",
+                    "--nuts-samples", "5", "--samples", "50", "--out", str(tmp_path / "v.json")])
+    assert rows[0]["note"] == "full data" and math.isfinite(rows[0]["energy"])
+
+
+def test_vi_bench_notes_a_method_that_fails_and_goes_on(tmp_path, monkeypatch):
+    def broken(problem, method, args):
+        if method == "AutoMVN":
+            raise RuntimeError("cannot apply\nsecond line")
+        return original(problem, method, args)
+
+    original = vi.run_vi
+    monkeypatch.setattr(vi, "run_vi", broken)
+    rows = vi.main(["--targets", "ring", "--methods", "AutoMVN,AutoNormal", "--steps", "2",
+                    "--samples", "50", "--out", str(tmp_path / "vi.json")])
+    assert rows[0]["note"] == "failed: RuntimeError: cannot apply"
+    assert math.isnan(rows[0]["energy"]) and math.isfinite(rows[1]["energy"])
+    assert "failed: RuntimeError" in vi.table(rows)
+
+
+def test_vi_bench_rejects_unknown_targets_and_methods():
+    with pytest.raises(SystemExit):
+        vi.main(["--targets", "nope"])
+    with pytest.raises(SystemExit):
+        vi.main(["--targets", "ring", "--methods", "AutoNope"])

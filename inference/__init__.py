@@ -12,13 +12,14 @@ from inference.em import ExpertsEMRun, GaussianMixtureEM, em_pretrain, fit_exper
 from inference.flow_gmm import evaluate_flow_gmm, fit_flow_gmm
 from inference.inference_data import to_inference_data
 from inference.labels import LabelAlignment, align_labels
-from inference.svi import fit_svi
+from inference.svi import default_step_size, fit_svi
 
 __all__ = [
     "CWMELBO",
     "em_pretrain",
     "fit_density",
     "fit_svi",
+    "default_step_size",
     "GaussianMixtureEM",
     "PSISDiagnostic",
     "psis_diagnostic",

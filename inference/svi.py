@@ -103,7 +103,7 @@ def fit_svi(
         num_steps: maximum number of steps.
         optim: a Pyro optimizer. The default, ``pyro.optim.ClippedAdam`` (gradient norms
             clipped at 10) with the step size of
-            [`default_step_size`][inference.svi.default_step_size] (0.01 for the first
+            [`default_step_size`][inference.default_step_size] (0.01 for the first
             half of ``num_steps``, then decaying to 0.001), lets the fit settle: a constant
             step leaves the parameters jittering around the optimum at a distance set by
             the step, which on a tight posterior is many posterior sds. A learning-rate

@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="image 30, toy 40")
     p.add_argument("--batch-size", type=int, default=None, help="image 1000, toy 512")
     p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (3e-3)")
+    p.add_argument(
+        "--classifier-lr", type=float, default=None, help="a CWM classifier's lr (10 x lr)"
+    )
     p.add_argument("--patience", type=int, default=8, help="early stopping (toy suite)")
     p.add_argument("--components", type=int, default=None, help="K: image 50, toy 16")
     p.add_argument("--seed", type=int, default=0)

@@ -34,6 +34,7 @@ class Options:
     epochs: int = 40
     batch_size: int = 512
     lr: float = 3e-3
+    classifier_lr: float | None = None  # fit_density's default: 10 * lr
     patience: int = 8
     seed: int = 0
 
@@ -105,6 +106,7 @@ def fit_gradient(
         epochs=options.epochs,
         batch_size=options.batch_size,
         lr=options.lr,
+        classifier_lr=options.classifier_lr,
         patience=options.patience,
         seed=options.seed,
         progress=False,

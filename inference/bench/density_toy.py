@@ -122,6 +122,7 @@ def run(args) -> dict:
         epochs=args.epochs or 40,
         batch_size=args.batch_size or 512,
         lr=args.lr or 3e-3,
+        classifier_lr=args.classifier_lr,
         patience=args.patience,
         seed=args.seed,
     )
@@ -146,7 +147,7 @@ def run(args) -> dict:
     print(
         f"\n{len(toys)} toys, train {args.num_train}, test {args.num_test}, "
         f"K {options.components}, epochs {options.epochs}, batch {options.batch_size}, "
-        f"lr {options.lr}, "
+        f"lr {options.lr}, classifier lr {options.classifier_lr or 10 * options.lr:g}, "
         f"torch threads {torch.get_num_threads()}, total {elapsed:.0f} s"
     )
     return {"options": vars(options), "rows": rows, "classifier_share": shares}

@@ -106,3 +106,21 @@ def test_experts_bench_runs_on_one_seed():
     ours = [r for r in rows if r["method"] == "ours"]
     assert {r["model"] for r in ours} == {"MoM", "MoE"}
     assert all(r["success"] for r in ours)  # the seed's own data set: both planes found
+
+
+def test_density_toy_suite_runs_and_writes_its_table_split_and_figure(tmp_path):
+    rows = density.main(
+        ["--suite", "toy", "--toys", "rings", "--num-train", "600", "--num-test", "300",
+         "--epochs", "1", "--components", "3", "--models", "gmm,cwm,nsf-s,cwm-split",
+         "--out", str(tmp_path)]
+    )
+    assert [r["model"] for r in rows] == [
+        "gmm-diag (EM)", "cwm", "nsf-s", "cwm [maps frozen]", "cwm [classifier frozen]"
+    ]
+    for r in rows:
+        assert math.isfinite(r["nll"]) and r["gap"] == pytest.approx(r["nll"] - r["exact_nll"])
+    # Every CWM starts from the same EM fit.
+    assert len({r["nll_em_start"] for r in rows if "nll_em_start" in r}) == 1
+    report = json.loads((tmp_path / "toy.json").read_text())
+    assert report["classifier_share"][0]["toy"] == "rings"
+    assert (tmp_path / "toy-rings.png").exists()

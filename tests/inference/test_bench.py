@@ -124,3 +124,14 @@ def test_density_toy_suite_runs_and_writes_its_table_split_and_figure(tmp_path):
     report = json.loads((tmp_path / "toy.json").read_text())
     assert report["classifier_share"][0]["toy"] == "rings"
     assert (tmp_path / "toy-rings.png").exists()
+
+
+def test_density_digits_suite_runs_in_bits_per_dim(tmp_path):
+    rows = density.main(
+        ["--suite", "digits", "--epochs", "1", "--num-train", "1437", "--components", "2",
+         "--models", "gmm,cwm", "--out", str(tmp_path)]
+    )
+    assert [r["model"] for r in rows] == ["gmm-diag (EM)", "cwm"]
+    # Bits per dimension of 17-level pixels: positive, and near log2(17) = 4.1 at worst.
+    assert all(0 < r["bits_per_dim"] < 6 for r in rows)
+    assert (tmp_path / "digits.json").exists()

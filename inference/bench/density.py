@@ -1,13 +1,15 @@
 """Density benchmarks: CWM against zuko's flows and EM-fitted Gaussian mixtures.
 
-Three suites. ``--suite toy`` (see `inference.bench.density_toy`): the six 2-D
+Four suites. ``--suite toy`` (see `inference.bench.density_toy`): the six 2-D
 toy densities of the flow literature, with exact densities, every model on the same
 training loop, a PNG per toy, and the split of the CWM's gain between classifier and maps.
 
     python -m inference.bench.density --suite toy        # about 15 min on 2 cores
 
 ``--suite digits`` (see `inference.bench.density_digits`): the 64-dim
-dequantized 8x8 digits in bits per dimension, beside FlowGMM's 2.29.
+dequantized 8x8 digits in bits per dimension, beside FlowGMM's 2.29. ``--suite step``
+(see `inference.bench.density_step`): a training step of each model, timed, and the CWM
+classifier's flops against this CPU's matrix-product peak.
 
 ``--suite image`` (the default) reproduces the comparison of the CWM paper on an image
 shipped with scikit-learn: the greyscale image is a density on [0, 1]^2, uniform inside
@@ -56,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--suite", choices=("image", "toy", "digits"), default="image")
+    p.add_argument("--suite", choices=("image", "toy", "digits", "step"), default="image")
     p.add_argument("--image", default="china.jpg", help="scikit-learn sample image")
     p.add_argument("--toys", default=None, help="comma-separated toys (default: all six)")
     p.add_argument("--num-train", type=int, default=None, help="image 100000, toy 10000")
@@ -76,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="toy suite: skip the PNGs")
     p.add_argument("--out", default="bench-out/density", help="folder for the JSON and PNG")
     args = p.parse_args(argv)
-    defaults = {"image": (100_000, 50_000), "toy": (10_000, 5_000), "digits": (5_748, 0)}
-    defaults = defaults[args.suite]
+    sizes = {"image": (100_000, 50_000), "toy": (10_000, 5_000), "digits": (5_748, 0)}
+    defaults = sizes.get(args.suite, (0, 0))
     args.num_train = args.num_train or defaults[0]
     args.num_test = args.num_test or defaults[1]
     return args
@@ -94,13 +96,15 @@ def main(argv=None) -> list[dict]:
         out = Path(args.out)
         (out / "toy.json").write_text(json.dumps({"args": vars(args), **report}, indent=2))
         return report["rows"]
-    if args.suite == "digits":
-        from inference.bench import density_digits
+    if args.suite in ("digits", "step"):
+        from inference.bench import density_digits, density_step
 
-        report = density_digits.run(args)
+        suite = {"digits": density_digits, "step": density_step}[args.suite]
+        report = suite.run(args)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "digits.json").write_text(json.dumps({"args": vars(args), **report}, indent=2))
+        text = json.dumps({"args": vars(args), **report}, indent=2)
+        (out / f"{args.suite}.json").write_text(text)
         return report["rows"]
     args.epochs = args.epochs or 30
     args.batch_size = args.batch_size or 1000

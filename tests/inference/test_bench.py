@@ -135,3 +135,17 @@ def test_density_digits_suite_runs_in_bits_per_dim(tmp_path):
     # Bits per dimension of 17-level pixels: positive, and near log2(17) = 4.1 at worst.
     assert all(0 < r["bits_per_dim"] < 6 for r in rows)
     assert (tmp_path / "digits.json").exists()
+
+
+def test_density_step_suite_counts_the_classifier_flops(tmp_path):
+    from inference.bench import density_step
+    from inference.bench.density_models import MODELS
+
+    cwm = MODELS["cwm"](2, 4)  # classifier 2 -> 64 -> 64 -> 4
+    assert density_step.classifier_flops(cwm, 10) == 3 * 2 * 10 * 4 * (2 * 64 + 64 * 64 + 64 * 4)
+    rows = density.main(
+        ["--suite", "step", "--models", "cwm,nsf-s", "--batch-size", "32", "--components", "4",
+         "--out", str(tmp_path)]
+    )
+    assert rows[0]["fraction_of_peak"] > 0 and rows[1]["classifier_flops"] is None
+    assert (tmp_path / "step.json").exists()

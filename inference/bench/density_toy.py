@@ -170,20 +170,25 @@ def summary(rows: list[dict], shares: list[dict]) -> None:
     for r in rows:
         best.setdefault(r["toy"], {})[r["model"]] = r
     print(
-        f"\n{'toy':12s} {'exact':>7s} {'GMM':>7s} {'CWM':>7s} {'best CWM':>16s} "
-        f"{'best NSF':>16s}"
+        f"\n{'toy':12s} {'exact':>7s} {'GMM':>7s} {'CWM':>7s} {'CWM-GMM':>8s} "
+        f"{'best NSF':>16s} {'best CWM <= NSF/5 params':>26s} {'vs NSF':>7s}"
     )
     for toy, by in best.items():
-        cwms = [r for m, r in by.items() if m.startswith("cwm") and "[" not in m]
         nsfs = [r for m, r in by.items() if m.startswith("nsf")]
-        if not cwms:
-            continue
-        c = min(cwms, key=lambda r: r["nll"])
-        n = min(nsfs, key=lambda r: r["nll"]) if nsfs else None
         gmm = by.get("gmm-diag (EM)", {}).get("nll", math.nan)
         cwm = by.get("cwm", {}).get("nll", math.nan)
-        nsf = f"{n['nll']:7.4f} {n['model']:>8s}" if n else f"{'-':>16s}"
+        if not nsfs:
+            continue
+        n = min(nsfs, key=lambda r: r["nll"])
+        small = [
+            r
+            for m, r in by.items()
+            if m.startswith("cwm") and "[" not in m and 5 * r["parameters"] <= n["parameters"]
+        ]
+        c = min(small, key=lambda r: r["nll"]) if small else None
+        cwm_text = f"{c['nll']:7.4f} {c['model']:>10s} {c['parameters']:7d}" if c else "-"
+        diff = f"{c['nll'] - n['nll']:+7.4f}" if c else "-"
         print(
-            f"{toy:12s} {c['exact_nll']:7.4f} {gmm:7.4f} {cwm:7.4f} "
-            f"{c['nll']:7.4f} {c['model']:>8s} {nsf}"
+            f"{toy:12s} {n['exact_nll']:7.4f} {gmm:7.4f} {cwm:7.4f} {cwm - gmm:+8.4f} "
+            f"{n['nll']:7.4f} {n['model']:>8s} {cwm_text:>26s} {diff:>7s}"
         )

@@ -86,7 +86,7 @@ HEADER = (
 
 
 def plot_toy(toy: ToyDensity, fits: dict[str, Fitted], path: Path, grid: int = 120) -> None:
-    """One row of panels: the true density, then every model's, on the toy's window."""
+    """A grid of panels: the true density, then every model's, on the toy's window."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,8 +97,12 @@ def plot_toy(toy: ToyDensity, fits: dict[str, Fitted], path: Path, grid: int = 1
     points = torch.cartesian_prod(axis, axis)
     panels = [("true", lambda x: toy.log_prob(x.double()).float())]
     panels += [(name, fit.log_prob) for name, fit in fits.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.4), squeeze=False)
-    for ax, (name, log_prob) in zip(axes[0], panels, strict=True):
+    cols = min(len(panels), 7)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, log_prob) in zip(axes.flat, panels):
         with torch.no_grad():
             dens = torch.cat([log_prob(c) for c in points.split(4096)]).exp()
         ax.imshow(

@@ -140,6 +140,7 @@ def main(argv=None) -> list[dict]:
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
+            classifier_lr=args.classifier_lr if name == "cwm" else None,
             validation=0.05,
             patience=None,
             seed=args.seed,

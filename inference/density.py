@@ -35,6 +35,18 @@ def _split(n: int, validation: float, generator: torch.Generator) -> tuple[Tenso
     return perm[n_val:], perm[:n_val]
 
 
+def _parameter_groups(model, lr: float, classifier_lr: float | None) -> list[dict]:
+    """Adam's groups: a CWM's classifier at ``classifier_lr`` (default ``10 * lr``)."""
+    classifier = getattr(model, "classifier", None)
+    if not (hasattr(model, "set_gaussian_mixture") and isinstance(classifier, torch.nn.Module)):
+        return [{"params": list(model.parameters())}]
+    inner = {id(p) for p in classifier.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in inner]
+    groups = [{"params": rest}] if rest else []
+    rate = classifier_lr if classifier_lr is not None else 10 * lr
+    return groups + [{"params": list(classifier.parameters()), "lr": rate}]
+
+
 def fit_density(
     model,
     data,
@@ -43,6 +55,7 @@ def fit_density(
     epochs: int = 100,
     batch_size: int = 256,
     lr: float = 1e-3,
+    classifier_lr: float | None = None,
     weight_decay: float = 0.0,
     validation: float = 0.1,
     validation_data: tuple | None = None,
@@ -69,6 +82,8 @@ def fit_density(
         epochs: maximum number of passes over the training data.
         batch_size: minibatch size.
         lr: Adam's learning rate.
+        classifier_lr: Adam's learning rate of a CWM's classifier (the parameters under
+            ``model.classifier``); by default ``10 * lr``. See the recipe below.
         weight_decay: Adam's weight decay.
         validation: fraction of the data held out to measure the held-out NLL, used for
             early stopping and to keep the best parameters (0 disables both).
@@ -83,6 +98,20 @@ def fit_density(
         progress: show a tqdm progress bar.
         checkpoint: path of a checkpoint written after every epoch; with ``resume``, a
             run whose checkpoint exists continues from it.
+
+    The recipe for a CWM: start from the EM-fitted diagonal Gaussian mixture (the CWM with
+    a constant classifier: last layer zero, bias the EM log-weights), then train maps and
+    classifier together, the classifier with a ten times larger learning rate. From the
+    EM start the maps alone gain almost nothing (EM has already found the best Gaussian
+    mixture nearby): the gain is the classifier's. Its logits must grow from zero to the
+    steep slopes that cut a component's Gaussian into the pieces the data needs, and Adam
+    moves every weight by about ``lr`` per step whatever the gradient's size, so at the
+    maps' learning rate that takes thousands of steps. Measured from one EM start (K = 8,
+    5,000 points, 15 epochs of batch 256): on the rings toy the CWM gains 0.05 nats with
+    everything at 1e-3, 0.34 at 1e-2 and 0.42 with the maps at 3e-3 and the classifier at
+    3e-2; on pinwheel 0.22 at 1e-3, 0.26 at 3e-3 and 0.29 at 1e-2. A small random instead
+    of a zero last layer changes nothing (at 3e-3: 0.26 on pinwheel, 0.21 on rings, against
+    0.26 and 0.22).
 
     Returns:
         The history: ``train_nll`` and ``val_nll`` per epoch (mean NLL per point),
@@ -120,6 +149,8 @@ def fit_density(
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if classifier_lr is not None and not classifier_lr > 0:
+        raise ValueError(f"classifier_lr must be positive, got {classifier_lr}")
 
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     if validation_data is not None:
@@ -139,7 +170,9 @@ def fit_density(
             train_c, val_c = context[train_idx], context[val_idx]
     has_val = val_x.shape[0] > 0
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(
+        _parameter_groups(model, lr, classifier_lr), lr=lr, weight_decay=weight_decay
+    )
     history: dict[str, Any] = {
         "train_nll": [],
         "val_nll": [],

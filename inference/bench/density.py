@@ -1,10 +1,22 @@
-"""2-D image density: CWM against zuko's RealNVP and NSF and EM-fitted Gaussian mixtures.
+"""Density benchmarks: CWM against zuko's flows and EM-fitted Gaussian mixtures.
 
-Reproduces the comparison of the CWM paper on an image shipped with scikit-learn: the
-greyscale image is a density on [0, 1]^2, uniform inside each pixel with mass
-proportional to its intensity; points are mapped to R^2 by ``logit(a + (1 - 2a) x)``
-(a = 0.01) and every model is fitted there. The table gives held-out NLL per point in the
-logit space (the paper's figure) and in the image space, parameter counts and times.
+Four suites. ``--suite toy`` (see `inference.bench.density_toy`): the six 2-D
+toy densities of the flow literature, with exact densities, every model on the same
+training loop, a PNG per toy, and the split of the CWM's gain between classifier and maps.
+
+    python -m inference.bench.density --suite toy        # about 15 min on 2 cores
+
+``--suite digits`` (see `inference.bench.density_digits`): the 64-dim
+dequantized 8x8 digits in bits per dimension, beside FlowGMM's 2.29. ``--suite step``
+(see `inference.bench.density_step`): a training step of each model, timed, and the CWM
+classifier's flops against this CPU's matrix-product peak.
+
+``--suite image`` (the default) reproduces the comparison of the CWM paper on an image
+shipped with scikit-learn: the greyscale image is a density on [0, 1]^2, uniform inside
+each pixel with mass proportional to its intensity; points are mapped to R^2 by
+``logit(a + (1 - 2a) x)`` (a = 0.01) and every model is fitted there. The table gives
+held-out NLL per point in the logit space (the paper's figure) and in the image space,
+parameter counts and times.
 
     python -m inference.bench.density                    # the full run (about 15 min, 2 cores)
     python -m inference.bench.density --epochs 2 --num-train 5000   # a quick look
@@ -46,25 +58,59 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--suite", choices=("image", "toy", "digits", "step"), default="image")
     p.add_argument("--image", default="china.jpg", help="scikit-learn sample image")
-    p.add_argument("--num-train", type=int, default=100_000)
-    p.add_argument("--num-test", type=int, default=50_000)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--components", type=int, default=50)
+    p.add_argument("--toys", default=None, help="comma-separated toys (default: all six)")
+    p.add_argument("--num-train", type=int, default=None, help="image 100000, toy 10000")
+    p.add_argument("--num-test", type=int, default=None, help="image 50000, toy 5000")
+    p.add_argument("--epochs", type=int, default=None, help="image 30, toy 40")
+    p.add_argument("--batch-size", type=int, default=None, help="image 1000, toy 512")
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (3e-3)")
+    p.add_argument(
+        "--classifier-lr", type=float, default=None, help="a CWM classifier's lr (10 x lr)"
+    )
+    p.add_argument("--patience", type=int, default=8, help="early stopping (toy suite)")
+    p.add_argument("--components", type=int, default=None, help="K: image 50, toy 16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--models", default="cwm,realnvp,nsf,gmm-full,gmm-diag")
+    p.add_argument("--models", default=None, help="comma-separated models (default: all)")
+    p.add_argument("--no-plots", action="store_true", help="toy suite: skip the PNGs")
     p.add_argument("--out", default="bench-out/density", help="folder for the JSON and PNG")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    sizes = {"image": (100_000, 50_000), "toy": (10_000, 5_000), "digits": (5_748, 0)}
+    defaults = sizes.get(args.suite, (0, 0))
+    args.num_train = args.num_train or defaults[0]
+    args.num_test = args.num_test or defaults[1]
+    return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite == "toy":
+        from inference.bench import density_toy
+
+        report = density_toy.run(args)
+        out = Path(args.out)
+        (out / "toy.json").write_text(json.dumps({"args": vars(args), **report}, indent=2))
+        return report["rows"]
+    if args.suite in ("digits", "step"):
+        from inference.bench import density_digits, density_step
+
+        suite = {"digits": density_digits, "step": density_step}[args.suite]
+        report = suite.run(args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"args": vars(args), **report}, indent=2)
+        (out / f"{args.suite}.json").write_text(text)
+        return report["rows"]
+    args.epochs = args.epochs or 30
+    args.batch_size = args.batch_size or 1000
+    args.lr = args.lr or 3e-3
+    args.components = args.components or 50
+    args.models = args.models or "cwm,realnvp,nsf,gmm-full,gmm-diag"
     device = torch.device(args.device)
     grey = greyscale_image(args.image)
     logit = LogitTransform(0.01)
@@ -94,6 +140,7 @@ def main(argv=None) -> list[dict]:
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
+            classifier_lr=args.classifier_lr if name == "cwm" else None,
             validation=0.05,
             patience=None,
             seed=args.seed,

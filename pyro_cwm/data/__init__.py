@@ -10,8 +10,28 @@ from pyro_cwm.data.toy import (
     two_moons,
     two_planes,
 )
+from pyro_cwm.data.toy2d import (
+    TOY_DENSITIES,
+    ToyDensity,
+    checkerboard,
+    eight_gaussians,
+    moons,
+    pinwheel,
+    rings,
+    spirals,
+    toy_density,
+)
 
 __all__ = [
+    "checkerboard",
+    "eight_gaussians",
+    "moons",
+    "pinwheel",
+    "rings",
+    "spirals",
+    "TOY_DENSITIES",
+    "ToyDensity",
+    "toy_density",
     "EIGHT_SCHOOLS_SIGMA",
     "EIGHT_SCHOOLS_Y",
     "eight_schools",

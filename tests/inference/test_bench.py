@@ -158,3 +158,45 @@ def test_vi_bench_rejects_unknown_targets_and_methods():
         vi.main(["--targets", "nope"])
     with pytest.raises(SystemExit):
         vi.main(["--targets", "ring", "--methods", "AutoNope"])
+
+def test_density_toy_suite_runs_and_writes_its_table_split_and_figure(tmp_path):
+    rows = density.main(
+        ["--suite", "toy", "--toys", "rings", "--num-train", "600", "--num-test", "300",
+         "--epochs", "1", "--components", "3", "--models", "gmm,cwm,nsf-s,cwm-split",
+         "--out", str(tmp_path)]
+    )
+    assert [r["model"] for r in rows] == [
+        "gmm-diag (EM)", "cwm", "nsf-s", "cwm [maps frozen]", "cwm [classifier frozen]"
+    ]
+    for r in rows:
+        assert math.isfinite(r["nll"]) and r["gap"] == pytest.approx(r["nll"] - r["exact_nll"])
+    # Every CWM starts from the same EM fit.
+    assert len({r["nll_em_start"] for r in rows if "nll_em_start" in r}) == 1
+    report = json.loads((tmp_path / "toy.json").read_text())
+    assert report["classifier_share"][0]["toy"] == "rings"
+    assert (tmp_path / "toy-rings.png").exists()
+
+
+def test_density_digits_suite_runs_in_bits_per_dim(tmp_path):
+    rows = density.main(
+        ["--suite", "digits", "--epochs", "1", "--num-train", "1437", "--components", "2",
+         "--models", "gmm,cwm", "--out", str(tmp_path)]
+    )
+    assert [r["model"] for r in rows] == ["gmm-diag (EM)", "cwm"]
+    # Bits per dimension of 17-level pixels: positive, and near log2(17) = 4.1 at worst.
+    assert all(0 < r["bits_per_dim"] < 6 for r in rows)
+    assert (tmp_path / "digits.json").exists()
+
+
+def test_density_step_suite_counts_the_classifier_flops(tmp_path):
+    from inference.bench import density_step
+    from inference.bench.density_models import MODELS
+
+    cwm = MODELS["cwm"](2, 4)  # classifier 2 -> 64 -> 64 -> 4
+    assert density_step.classifier_flops(cwm, 10) == 3 * 2 * 10 * 4 * (2 * 64 + 64 * 64 + 64 * 4)
+    rows = density.main(
+        ["--suite", "step", "--models", "cwm,nsf-s", "--batch-size", "32", "--components", "4",
+         "--out", str(tmp_path)]
+    )
+    assert rows[0]["fraction_of_peak"] > 0 and rows[1]["classifier_flops"] is None
+    assert (tmp_path / "step.json").exists()

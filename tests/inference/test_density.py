@@ -154,3 +154,45 @@ def test_fits_on_cuda():
     cwm = CWM(1, 3)
     fit_density(cwm, data.float().cuda(), epochs=2, progress=False)
     assert cwm.reference_loc.is_cuda
+
+
+def _pinwheel_gain(**options) -> float:
+    """Held-out NLL of the EM start minus that of a CWM fitted for 6 epochs (pinwheel)."""
+    from inference import em_pretrain
+    from pyro_cwm.data import pinwheel
+
+    data, test = pinwheel(3000, seed=0), pinwheel(2000, seed=1)
+    torch.manual_seed(0)
+    cwm = CWM(2, 6, hidden_dims=(32, 32))
+    em_pretrain(cwm, data, random_state=0, max_iter=300)
+    with torch.no_grad():
+        start = -cwm().log_prob(test).mean().item()
+    fit_density(
+        cwm, data, epochs=6, batch_size=128, em_pretraining=False, validation=0.0,
+        progress=False, **options,
+    )
+    with torch.no_grad():
+        return start - (-cwm().log_prob(test).mean().item())
+
+
+def test_cwm_on_a_toy_improves_on_its_em_start_by_a_set_margin():
+    # The default recipe (classifier at 10 x lr) gains 0.39 nats in 6 short epochs; with
+    # the classifier at the maps' learning rate, the old recipe, it gains 0.12.
+    gain = _pinwheel_gain()
+    assert gain > 0.25
+    assert _pinwheel_gain(classifier_lr=1e-3) < gain / 2
+
+
+def test_classifier_gets_its_own_learning_rate():
+    from inference.density import _parameter_groups
+
+    cwm = CWM(2, 3)
+    groups = _parameter_groups(cwm, 1e-3, None)
+    assert groups[-1]["lr"] == pytest.approx(1e-2)
+    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in cwm.classifier.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(cwm.parameters()))
+    assert _parameter_groups(cwm, 1e-3, 5e-3)[-1]["lr"] == 5e-3
+    flow = torch.nn.Linear(2, 2)  # not a CWM: one group at lr
+    assert len(_parameter_groups(flow, 1e-3, None)) == 1
+    with pytest.raises(ValueError, match="classifier_lr"):
+        fit_density(cwm, torch.randn(20, 2), classifier_lr=0.0, progress=False)

@@ -29,15 +29,7 @@ def bits_per_dim(fit: Fitted, z: torch.Tensor, log_det: torch.Tensor) -> float:
 
 def run(args) -> dict:
     """The digits suite for parsed command-line ``args`` (see ``inference.bench.density``)."""
-    options = Options(
-        components=args.components or 10,
-        epochs=args.epochs or 30,
-        batch_size=args.batch_size or 256,
-        lr=args.lr or 1e-3,
-        classifier_lr=args.classifier_lr,
-        patience=args.patience,
-        seed=args.seed,
-    )
+    options = Options.from_args(args, components=10, epochs=30, batch_size=256, lr=1e-3)
     started = time.perf_counter()
     x_train, _, x_test, _ = load_digits_split(seed=args.seed)
     deq = Dequantize()

@@ -38,6 +38,14 @@ class Options:
     patience: int = 8
     seed: int = 0
 
+    @classmethod
+    def from_args(cls, args, **suite_defaults) -> Options:
+        """Options from parsed command-line ``args``; unset ones take ``suite_defaults``."""
+        values = {name: getattr(args, name) or default for name, default in suite_defaults.items()}
+        return cls(
+            classifier_lr=args.classifier_lr, patience=args.patience, seed=args.seed, **values
+        )
+
 
 @dataclass
 class Fitted:

@@ -121,15 +121,7 @@ def plot_toy(toy: ToyDensity, fits: dict[str, Fitted], path: Path, grid: int = 1
 
 def run(args) -> dict:
     """The toy suite for parsed command-line ``args`` (see ``inference.bench.density``)."""
-    options = Options(
-        components=args.components or 16,
-        epochs=args.epochs or 40,
-        batch_size=args.batch_size or 512,
-        lr=args.lr or 3e-3,
-        classifier_lr=args.classifier_lr,
-        patience=args.patience,
-        seed=args.seed,
-    )
+    options = Options.from_args(args, components=16, epochs=40, batch_size=512, lr=3e-3)
     models = (args.models or DEFAULT_MODELS).split(",")
     toys = args.toys.split(",") if args.toys else list(TOY_DENSITIES)
     out = Path(args.out)

@@ -127,14 +127,9 @@ def analytic_problem(name: str, num: int, seed: int) -> Problem:
     )
 
 
-def posteriordb_problem(name: str, root: Path) -> Problem:
-    posterior = load_reference_posterior(name, root)
+def _reference_problem(name: str, posterior, **options) -> Problem:
+    """A Problem from a posterior with reference draws (posteriordb or the zoo)."""
     sites = sorted({c.partition("[")[0] for c in posterior.columns})
-    mode_of = mode_weights = None
-    if name == "low_dim_gauss_mix":
-        i, j = posterior.columns.index("mu[1]"), posterior.columns.index("mu[2]")
-        mode_of = lambda x: (x[:, i] > x[:, j]).long()  # noqa: E731
-        mode_weights = torch.tensor([0.5, 0.5])
     return Problem(
         name,
         posterior.model,
@@ -142,9 +137,18 @@ def posteriordb_problem(name: str, root: Path) -> Problem:
         posterior.draws,
         posterior.flatten,
         sites,
-        mode_of=mode_of,
-        mode_weights=mode_weights,
+        **options,
     )
+
+
+def posteriordb_problem(name: str, root: Path) -> Problem:
+    posterior = load_reference_posterior(name, root)
+    mode_of = mode_weights = None
+    if name == "low_dim_gauss_mix":
+        i, j = posterior.columns.index("mu[1]"), posterior.columns.index("mu[2]")
+        mode_of = lambda x: (x[:, i] > x[:, j]).long()  # noqa: E731
+        mode_weights = torch.tensor([0.5, 0.5])
+    return _reference_problem(name, posterior, mode_of=mode_of, mode_weights=mode_weights)
 
 
 def zoo_problem(name: str, seed: int) -> Problem:
@@ -155,13 +159,9 @@ def zoo_problem(name: str, seed: int) -> Problem:
     if name == "mixture_enum":
         mode_of = lambda x: (x[:, 0] > x[:, 1]).long()  # noqa: E731
         mode_weights = torch.tensor([0.5, 0.5])
-    return Problem(
+    return _reference_problem(
         name,
-        posterior.model,
-        posterior.args,
-        posterior.draws,
-        posterior.flatten,
-        sorted({c.partition("[")[0] for c in posterior.columns}),
+        posterior,
         log_z=posterior.log_z,
         mode_of=mode_of,
         mode_weights=mode_weights,

@@ -58,22 +58,6 @@ def default_step_size(step: int, num_steps: int) -> float:
     return INITIAL_LR * (FINAL_LR / INITIAL_LR) ** ((step - half) / max(1, num_steps - 1 - half))
 
 
-def _drifted(history: dict, smoothing: float) -> bool:
-    """Whether the final smoothed loss is worse than the best by more than its noise.
-
-    The smoothed loss is a moving average of noisy estimates (minibatches, few particles);
-    its minimum over a long run lies 2 to 4 noise units below its typical value by chance
-    alone, and the parameters there are no better than the last ones. So the loss must
-    have risen by more than five times the noise of the average (the loss's sd over the
-    last steps times sqrt((1 - s) / (1 + s))).
-    """
-    if history["settled_best_step"] in (None, history["steps"] - 1):
-        return False
-    window = torch.tensor(history["loss"][-max(20, round(5 / (1 - smoothing))) :])
-    noise = window.std().item() * math.sqrt((1 - smoothing) / (1 + smoothing))
-    return history["smoothed_loss"][-1] - history["settled_best_loss"] > 5 * noise
-
-
 def fit_svi(
     model,
     guide,
@@ -86,7 +70,7 @@ def fit_svi(
     patience: int | None = None,
     smoothing: float = 0.95,
     min_delta: float = 0.0,
-    keep_best: bool = True,
+    keep_best: bool = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
@@ -117,10 +101,12 @@ def fit_svi(
         smoothing: weight of the past in the smoothed loss, an exponential moving average
             with bias correction (0 <= smoothing < 1).
         min_delta: the improvement of the smoothed loss that counts for ``patience``.
-        keep_best: at the end, restore the parameters of the step with the best smoothed
-            loss in the second half of the run (the settling phase) when the final smoothed
-            loss is worse by more than five times its noise: a run that drifts ends no
-            worse than its best, and a merely noisy one keeps its last parameters.
+        keep_best: at the end (or when stopping early), restore the parameters of the
+            step with the best smoothed loss, counted from step ``1 / (1 - smoothing)`` on
+            (as Keras's ``restore_best_weights``). Off by default: with the default
+            decaying step size the last parameters are the settled ones, while the
+            minimum of a noisy smoothed loss is biased low by its noise and can point at
+            worse parameters.
         checkpoint: path of a checkpoint (parameters, the guide's buffers, optimizer state,
             RNG state and history) written every ``checkpoint_every`` steps and at the end
             (before the best parameters are restored); with ``resume``, an existing
@@ -129,7 +115,7 @@ def fit_svi(
     Returns:
         ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool,
         "time_s": seconds, "best_step": step, "best_smoothed_loss": value,
-        "settled_best_step": step, "settled_best_loss": value, "restored_best": bool}``.
+        "restored_best": bool}``.
 
     Raises:
         FloatingPointError: when the loss or a gradient is not finite; the parameters are
@@ -157,8 +143,6 @@ def fit_svi(
         "best_smoothed_loss": math.inf,
         "best_step": 0,
         "restored_best": False,
-        "settled_best_loss": math.inf,
-        "settled_best_step": None,
     }
     best_params: dict[str, torch.Tensor] = {}
     if checkpoint is not None and resume and os.path.exists(checkpoint):
@@ -199,7 +183,6 @@ def fit_svi(
         )
 
     burn_in = math.ceil(1 / (1 - smoothing)) if smoothing > 0 else 0
-    settle_from = max(burn_in, num_steps // 2)
     started = time.perf_counter() - history["time_s"]
     bar = tqdm(
         range(history["steps"], num_steps),
@@ -241,13 +224,10 @@ def fit_svi(
             history["best_step"] = step
         elif smoothed < history["best_smoothed_loss"] - min_delta:
             history["best_smoothed_loss"], history["best_step"] = smoothed, step
+            if keep_best:
+                best_params = _param_values()
         elif patience is not None and step - history["best_step"] >= patience:
             history["stopped_early"] = True
-        # Candidates for the end: the settling phase only (steps that arrive at the
-        # optimum, or that follow the classifier's warm-up, are not worth restoring).
-        if keep_best and step >= settle_from and smoothed < history["settled_best_loss"]:
-            history["settled_best_loss"], history["settled_best_step"] = smoothed, step
-            best_params = _param_values()
         bar.set_postfix(loss=f"{smoothed:.4g}")
         history["time_s"] = time.perf_counter() - started
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
@@ -256,7 +236,7 @@ def fit_svi(
     history["time_s"] = time.perf_counter() - started
     if checkpoint is not None:
         save()
-    if keep_best and best_params and _drifted(history, smoothing):
+    if keep_best and best_params and history["best_step"] != history["steps"] - 1:
         with torch.no_grad():
             for name, param in pyro.get_param_store().named_parameters():
                 if name in best_params:

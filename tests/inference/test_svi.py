@@ -130,17 +130,16 @@ def test_the_best_smoothed_parameters_are_restored():
     history = fit_svi(
         gaussian_model, guide, y, num_steps=80, progress=False, loss=Drifting(),
         optim=Recorder(torch.optim.Adam, {"lr": 0.01}),
+        keep_best=True,
     )
-    # Candidates are the second half of the run (steps 40 on).
-    assert history["restored_best"] and 40 <= history["settled_best_step"] <= 55
+    # Candidates start once the moving average has 20 terms.
+    assert history["restored_best"] and 20 <= history["best_step"] <= 55
     smoothed = history["smoothed_loss"]
-    assert history["settled_best_loss"] == min(smoothed[40:])
+    assert history["best_smoothed_loss"] == min(smoothed[20:])
     for name, value in pyro.get_param_store().named_parameters():
-        assert torch.equal(value.detach(), snapshots[history["settled_best_step"]][name])
-    # keep_best=False leaves the last parameters.
-    history = fit_svi(
-        gaussian_model, guide, y, num_steps=80, progress=False, loss=Drifting(), keep_best=False
-    )
+        assert torch.equal(value.detach(), snapshots[history["best_step"]][name])
+    # By default the last parameters are kept.
+    history = fit_svi(gaussian_model, guide, y, num_steps=80, progress=False, loss=Drifting())
     assert not history["restored_best"]
 
 

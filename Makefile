@@ -1,7 +1,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: run test lint docs bench-density
+.PHONY: run test lint docs bench-density gpu-check
 
 # Install into a local virtual environment and run the main job: the demo.
 run:
@@ -26,3 +26,8 @@ docs:
 bench-density:
 	bash scripts/setup-venv.sh dev
 	$(VENV)/bin/python -m inference.bench.density
+
+# On a CUDA machine: install, the CUDA tests and the GPU benchmarks within 8 minutes; the
+# JSON report and the table go to bench-out/gpu-check (see scripts/gpu-check.sh --help).
+gpu-check:
+	bash scripts/gpu-check.sh --out bench-out/gpu-check

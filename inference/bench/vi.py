@@ -30,6 +30,8 @@ autoregressive affine flow), NUTS.
     python -m inference.bench.vi                                   # everything
     python -m inference.bench.vi --targets ring,eight_schools --steps 500
     python -m inference.bench.vi --step-cost                       # AutoCWM vs AutoNormal step
+    python -m inference.bench.vi --step-cost --step-cost-targets eight_schools,linreg100 \
+        --device cuda                                              # the same on a GPU
 
 NUTS, the reference method, runs the same settings on every target (500 warmup + 1000
 draws, one chain, max tree depth 10, a dense mass matrix). It starts at the MAP found by
@@ -405,26 +407,43 @@ def run_nuts(problem: Problem, args) -> dict:
     return row
 
 
-def step_cost(components: int, steps: int = 300) -> dict:
-    """Seconds per SVI step on eight schools: AutoNormal (Trace_ELBO) against AutoCWM with
-    K components (CWMELBO), one particle each."""
-    y, sigma = EIGHT_SCHOOLS_Y, EIGHT_SCHOOLS_SIGMA
+STEP_COST_TARGETS = ("eight_schools", "linreg100")
+
+
+def step_cost(
+    components: int, steps: int = 300, target: str = "eight_schools", device: str = "cpu"
+) -> dict:
+    """Seconds per SVI step on ``target`` (eight schools, or the 100-D regression
+    ``linreg100`` of the zoo): AutoNormal (Trace_ELBO) against AutoCWM with K components
+    (CWMELBO), one particle each, after 20 warm-up steps. On ``device`` the model's
+    arguments are moved there and the model's own constants are made there too (the fit
+    runs inside ``with torch.device(device)``)."""
+    if target == "eight_schools":
+        model, args = eight_schools, (EIGHT_SCHOOLS_Y, EIGHT_SCHOOLS_SIGMA)
+    elif target in STEP_COST_TARGETS:
+        posterior = ZOO[target](seed=0)
+        model, args = posterior.model, posterior.args
+    else:
+        raise ValueError(f"step cost: unknown target {target!r}, not one of {STEP_COST_TARGETS}")
     times = {}
-    for name in ("AutoNormal", "AutoCWM"):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        if name == "AutoNormal":
-            guide, loss = AutoNormal(eight_schools), pyro.infer.Trace_ELBO()
-        else:
-            guide, loss = AutoCWM(eight_schools, num_components=components), CWMELBO()
-        fit_svi(eight_schools, guide, y, sigma, num_steps=20, loss=loss, progress=False)
-        history = fit_svi(
-            eight_schools, guide, y, sigma, num_steps=steps, loss=loss, progress=False
-        )
-        times[name] = history["time_s"] / steps
+    with torch.device(device):
+        for name in ("AutoNormal", "AutoCWM"):
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            if name == "AutoNormal":
+                guide, loss = AutoNormal(model), pyro.infer.Trace_ELBO()
+            else:
+                guide, loss = AutoCWM(model, num_components=components), CWMELBO()
+            options = {"loss": loss, "progress": False, "device": device}
+            fit_svi(model, guide, *args, num_steps=20, **options)
+            history = fit_svi(model, guide, *args, num_steps=steps, **options)
+            times[name] = history["time_s"] / steps
     ratio = times["AutoCWM"] / times["AutoNormal"]
     return {
+        "target": target,
+        "device": device,
         "K": components,
+        "steps": steps,
         "autonormal_s": times["AutoNormal"],
         "autocwm_s": times["AutoCWM"],
         "ratio": ratio,
@@ -504,12 +523,20 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--refpost", type=Path, default=DEFAULT_REFPOST)
-    p.add_argument("--out", default="bench-out/vi.json")
+    p.add_argument("--out", default=None, help="JSON file (default bench-out/vi.json)")
     p.add_argument(
         "--step-cost",
         action="store_true",
-        help="only time SVI steps on eight schools for K = 2, 4, 8, 16",
+        help="only time SVI steps of AutoCWM against AutoNormal (--step-cost-* options)",
     )
+    p.add_argument(
+        "--step-cost-targets",
+        default="eight_schools",
+        help=f"comma list of {','.join(STEP_COST_TARGETS)}",
+    )
+    p.add_argument("--step-cost-components", default="2,4,8,16", help="comma list of K")
+    p.add_argument("--step-cost-steps", type=int, default=300, help="timed steps per guide")
+    p.add_argument("--device", default="cpu", help="device of the --step-cost runs")
     args = p.parse_args(argv)
     for name in args.targets.split(","):
         if name not in TARGETS and name not in ZOO and name not in POSTERIORS:
@@ -520,9 +547,18 @@ def main(argv=None) -> list[dict]:
             p.error(f"unknown method {method!r}")
     torch.set_num_threads(args.threads)
     if args.step_cost:
-        for k in (2, 4, 8, 16):
-            print(json.dumps(step_cost(k)), flush=True)
-        return []
+        targets = args.step_cost_targets.split(",")
+        for name in targets:
+            if name not in STEP_COST_TARGETS:
+                p.error(f"unknown step-cost target {name!r}")
+        rows = []
+        for name in targets:
+            for k in args.step_cost_components.split(","):
+                rows.append(step_cost(int(k), args.step_cost_steps, name, args.device))
+                print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            write_report(args, rows, args.out)
+        return rows
     rows = []
     for name in args.targets.split(","):
         if name in TARGETS:
@@ -548,11 +584,16 @@ def main(argv=None) -> list[dict]:
         f"NUTS {args.nuts_warmup}+{args.nuts_samples}, torch threads {torch.get_num_threads()}"
     )
     print(table(rows))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
+    write_report(args, rows, args.out or "bench-out/vi.json")
+    return rows
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], out: str | Path) -> None:
+    """The arguments and the rows as JSON in ``out`` (its folder is created)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
     )
-    return rows
 
 
 if __name__ == "__main__":

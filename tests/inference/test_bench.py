@@ -200,3 +200,18 @@ def test_density_step_suite_counts_the_classifier_flops(tmp_path):
     )
     assert rows[0]["fraction_of_peak"] > 0 and rows[1]["classifier_flops"] is None
     assert (tmp_path / "step.json").exists()
+
+
+def test_vi_step_cost_times_both_guides_on_each_target_and_writes_its_rows(tmp_path):
+    out = tmp_path / "step.json"
+    rows = vi.main(
+        ["--step-cost", "--step-cost-targets", "eight_schools,linreg100",
+         "--step-cost-components", "2", "--step-cost-steps", "3", "--out", str(out)]
+    )
+    assert [(r["target"], r["K"], r["device"]) for r in rows] == [
+        ("eight_schools", 2, "cpu"), ("linreg100", 2, "cpu")
+    ]
+    assert all(r["autonormal_s"] > 0 and r["autocwm_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
+    with pytest.raises(SystemExit):
+        vi.main(["--step-cost", "--step-cost-targets", "ring"])

@@ -7,13 +7,13 @@ why), writes ``OUT/gpu-check.json`` and prints a Markdown table:
 
 - ``environment``: the device's name, torch, CUDA, Python and CPU.
 - ``pytest_cuda``: ``pytest -m cuda`` (skipped tests on a CPU; the counts are recorded).
-- ``em_diag``, ``em_full``: [`inference.bench.em`][inference.bench.em] at N=1,000,000,
+- ``em_diag``, ``em_full``: `inference.bench.em` at N=1,000,000,
   D=64, K=64, ours on ``--device`` against scikit-learn on this machine's CPU cores, the
   same start and iterations (fewer for the full family: scikit-learn's full EM costs
   tens of seconds per iteration at this size).
-- ``vi_step_cost``: [`inference.bench.vi`][inference.bench.vi] ``--step-cost``, AutoCWM
+- ``vi_step_cost``: `inference.bench.vi` ``--step-cost``, AutoCWM
   against AutoNormal per SVI step on eight schools and the 100-D regression.
-- ``density_probe``, ``density``: [`inference.bench.density`][inference.bench.density]'s
+- ``density_probe``, ``density``: `inference.bench.density`'s
   image suite (CWM against the flows); the probe runs one epoch of each model, and the
   main run gets as many epochs (at most the suite's 30) as the time left allows.
 
@@ -64,7 +64,7 @@ class Stage:
         cap_s: its longest run (``math.inf``: whatever time is left).
         reserve_s: the time the stages before it leave for it.
         read: figures from the stage's output folder and log, called even after a failure
-            or a timeout (what was written by then); the `dict` goes into the report.
+            or a timeout (what was written by then); the dict goes into the report.
     """
 
     name: str

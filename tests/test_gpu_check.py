@@ -57,6 +57,14 @@ def test_a_stage_that_fails_or_runs_out_of_time_is_recorded_and_the_run_goes_on(
     )
     assert failed["status"] == "failed" and failed["returncode"] == 3
     assert "boom" in failed["error"]
+    # What an earlier run left in the folder is removed first: no stale figures.
+    (tmp_path / "old.json").write_text("{}")
+    rerun = gpu_check.Stage(
+        "rerun", "rerun", [], 10.0, 1.0, lambda out, log: {"left": (out / "old.json").exists()},
+        ("old.json",),
+    )
+    entry = gpu_check.run_stage(rerun, ["-c", "pass"], sys.executable, tmp_path, 10.0)
+    assert entry["status"] == "ok" and entry["figures"] == {"left": False}
     slow = gpu_check.run_stage(
         stage([]), ["-c", "import time; time.sleep(60)"], sys.executable, tmp_path, 0.5
     )

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,8 @@ class Stage:
         reserve_s: the time the stages before it leave for it.
         read: figures from the stage's output folder and log, called even after a failure
             or a timeout (what was written by then); the dict goes into the report.
+        outputs: the files and folders it writes under the output folder, removed before
+            it runs (a rerun into the same folder never reports an earlier run's figures).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Stage:
     cap_s: float
     reserve_s: float
     read: Callable[[Path, Path], dict]
+    outputs: tuple[str, ...] = ()
 
 
 def environment() -> dict:
@@ -233,24 +237,32 @@ def plan(args: argparse.Namespace) -> list[Stage]:
             "pytest_cuda", "pytest -m cuda",
             ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
              f"--junitxml={out / 'pytest-cuda.xml'}", *cuda_test_files()],
-            caps["pytest"], 30, read_pytest,
+            caps["pytest"], 30, read_pytest, ("pytest-cuda.xml",),
         ),
-        Stage("em_diag", f"EM diag, {em_title}", em("diag"), caps["em"], 30, read_em("diag")),
-        Stage("em_full", f"EM full, {em_title}", em("full"), caps["em"], 30, read_em("full")),
+        *(
+            Stage(
+                f"em_{family}", f"EM {family}, {em_title}, {em_iters[family]} iterations",
+                em(family), caps["em"], 30, read_em(family), (f"em-{family}.json",),
+            )
+            for family in ("diag", "full")
+        ),
         Stage(
             "vi_step_cost", "SVI step cost, AutoCWM / AutoNormal",
             ["-m", "inference.bench.vi", "--step-cost", "--step-cost-targets",
              "eight_schools,linreg100", *vi, "--device", device,
              "--out", str(out / "vi-step-cost.json")],
-            caps["vi"], 30, read_vi,
+            caps["vi"], 30, read_vi, ("vi-step-cost.json",),
         ),
         Stage(
             "density_probe", "image density, 1-epoch probe",
             ["-m", "inference.bench.density", *density, "--epochs", "1", "--models", flows,
              "--device", device, "--out", str(out / "density-probe")],
-            caps["probe"], 20, read_density("density-probe"),
+            caps["probe"], 20, read_density("density-probe"), ("density-probe",),
         ),
-        Stage("density", "image density", density_main, math.inf, 30, read_density("density")),
+        Stage(
+            "density", "image density", density_main, math.inf, 30, read_density("density"),
+            ("density",),
+        ),
     ]
 
 
@@ -266,6 +278,12 @@ def run_stage(stage: Stage, argv: list[str], python: str, out: Path, timeout_s: 
     its output goes to ``OUT/logs/NAME.log``. Returns its entry of the report."""
     log = out / "logs" / f"{stage.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    for name in stage.outputs:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     command = [python, *argv]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
@@ -282,7 +300,10 @@ def run_stage(stage: Stage, argv: list[str], python: str, out: Path, timeout_s: 
             try:
                 returncode = process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended in between
+                    pass
                 process.wait()
                 status, error = "timeout", f"killed after {timeout_s:.0f} s"
             else:

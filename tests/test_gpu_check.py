@@ -94,6 +94,20 @@ def test_density_epochs_fill_the_time_left(status, timeout_s, expected):
     assert gpu_check.density_epochs(probe, timeout_s) == expected
 
 
+def test_cuda_without_a_device_is_a_failure_in_the_report(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code = gpu_check.main(
+        ["--device", "cuda", "--stages", "environment", "--out", str(tmp_path)]
+    )
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    environment = report["stages"][1]
+    assert code == 1
+    assert environment["status"] == "failed" and "no CUDA" in environment["error"]
+    assert report["device_name"] == gpu_check.cpu_model()
+
+
 def test_bad_device_is_refused():
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--device", "tpu"])

@@ -373,6 +373,9 @@ def run_all(args: argparse.Namespace) -> dict:
         if stage.name == "environment":
             report["environment"] = entry.get("figures", {})
             report["device_name"] = device_name(args.device, report["environment"])
+            if (entry["status"] == "ok" and args.device.startswith("cuda")
+                    and not report["environment"].get("cuda_available")):
+                entry["status"], entry["error"] = "failed", "torch sees no CUDA device"
         write(report, out, args.started_at)
     return report
 

@@ -9,8 +9,8 @@ why), writes ``OUT/gpu-check.json`` and prints a Markdown table:
 - ``pytest_cuda``: ``pytest -m cuda`` (skipped tests on a CPU; the counts are recorded).
 - ``em_diag``, ``em_full``: `inference.bench.em` at N=1,000,000,
   D=64, K=64, ours on ``--device`` against scikit-learn on this machine's CPU cores, the
-  same start and iterations (fewer for the full family: scikit-learn's full EM costs
-  tens of seconds per iteration at this size).
+  same start and iterations (one for the full family: scikit-learn's full EM took two
+  minutes per iteration on one thread at this size, much of it single-threaded numpy).
 - ``vi_step_cost``: `inference.bench.vi` ``--step-cost``, AutoCWM
   against AutoNormal per SVI step on eight schools and the 100-D regression.
 - ``density_probe``, ``density``: `inference.bench.density`'s
@@ -212,7 +212,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         max_epochs, caps = 2, {"pytest": 60, "em": 60, "vi": 60, "probe": 60}
     else:
         em_size = ["--sizes", "large"]
-        em_iters = {"diag": "10", "full": "2"}
+        em_iters = {"diag": "10", "full": "1"}
         vi = ["--step-cost-components", "2,4,8,16", "--step-cost-steps", "100"]
         density = []
         max_epochs, caps = DENSITY_MAX_EPOCHS, {"pytest": 120, "em": 150, "vi": 100, "probe": 60}

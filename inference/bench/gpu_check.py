@@ -350,6 +350,8 @@ def run_all(args: argparse.Namespace) -> dict:
              "wall_s": round(args.install_seconds, 2), "figures": {}}
         ],
     }
+    if (out / "install.log").exists():  # written by scripts/gpu-check.sh when it installs
+        report["stages"][0]["log"] = str(out / "install.log")
     stages = plan(args)
     wanted = set(args.stages.split(",")) if args.stages else None
     for i, stage in enumerate(stages):
@@ -422,7 +424,8 @@ def summary(entry: dict) -> str:
     if name.startswith("density") and rows:
         settings = figures.get("settings", {})
         nll = ", ".join(f"{r['model'].split(' ')[0]} {r['nll_logit']:.3f}" for r in rows)
-        return (f"NLL (logit) {nll}; {settings.get('epochs')} epochs of "
+        epochs = settings.get("epochs")
+        return (f"NLL (logit) {nll}; {epochs} epoch{'' if epochs == 1 else 's'} of "
                 f"{settings.get('num_train'):,} points")
     return ""
 

@@ -6,6 +6,8 @@ All contact with ArviZ's constructors is in ``_build``: supporting ArviZ 1.x
 
 from __future__ import annotations
 
+import math
+
 import arviz as az
 import pyro
 import pyro.poutine as poutine
@@ -102,7 +104,9 @@ def to_inference_data(
             with pyro.plate("_draws", total, dim=-(nesting + 1)):
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             guide_draws = {
-                n: guide_trace.nodes[n]["value"] for n in latent if n in guide_trace.nodes
+                n: _as_draws(guide_trace.nodes[n]["value"], site, total, nesting)
+                for n, site in latent.items()
+                if n in guide_trace.nodes
             }
             samples = Predictive(
                 model,
@@ -126,6 +130,18 @@ def to_inference_data(
     observed_data = {n: s["value"].detach().cpu().numpy() for n, s in observed.items()}
     log_likelihood = {n: shaped(v, v.shape[1:]) for n, v in log_lik.items()}
     return _build(posterior, predictive, log_likelihood, observed_data)
+
+
+def _as_draws(value, site, total: int, nesting: int):
+    """A guide's ``total`` draws of a model site, shaped as the model broadcasts them under a
+    draw plate left of its ``nesting`` plates: (total, 1, ..., *batch_shape, *event_shape)."""
+    site_shape = tuple(site["value"].shape)
+    if value.numel() != total * math.prod(site_shape):  # the same value for every draw
+        value = value.expand((total,) + site_shape)
+    batch_shape = tuple(site["fn"].batch_shape)
+    event_shape = tuple(site["fn"].event_shape)
+    shape = (total,) + (1,) * (nesting - len(batch_shape)) + batch_shape + event_shape
+    return value.reshape(shape)
 
 
 def _pointwise_log_likelihood(model, samples, latent, observed, total, *args, **kwargs):

@@ -6,6 +6,8 @@ All contact with ArviZ's constructors is in ``_build``: supporting ArviZ 1.x
 
 from __future__ import annotations
 
+import math
+
 import arviz as az
 import pyro
 import pyro.poutine as poutine
@@ -26,11 +28,27 @@ def _build(posterior, posterior_predictive, log_likelihood, observed_data) -> az
     )
 
 
+def _is_enumerated(site) -> bool:
+    return site["infer"].get("enumerate") == "parallel" and not site["is_observed"]
+
+
+def enumerated_sites(model, *args, **kwargs) -> list[str]:
+    """The discrete latent sites of ``model(*args, **kwargs)`` marked for parallel
+    enumeration (``config_enumerate`` or ``infer={"enumerate": "parallel"}``): the sites an
+    ELBO sums out and that a guide must not cover."""
+    trace = structure_trace(model, *args, **kwargs)
+    return [n for n, s in trace.nodes.items() if s["type"] == "sample" and _is_enumerated(s)]
+
+
 def _sites(model, *args, **kwargs):
+    """Latent and observed sites of the model; enumerated sites (summed out, never drawn
+    from the posterior) are in neither."""
     trace = structure_trace(model, *args, **kwargs)
     latent, observed = {}, {}
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
+            continue
+        if _is_enumerated(site):
             continue
         (observed if site["is_observed"] else latent)[name] = site
     return latent, observed
@@ -77,11 +95,22 @@ def to_inference_data(
     state = torch.random.get_rng_state()
     if seed is not None:
         pyro.set_rng_seed(seed)
+    nesting = max_plate_nesting(model, *args, **kwargs)
     try:
         with torch.no_grad():
+            # The guide's draws as the model broadcasts them (a draw plate left of the
+            # model's plates): Predictive's own reshaping of guide draws drops the size-1
+            # dims of a vector site outside every plate (e.g. ``.expand([K]).to_event(1)``).
+            with pyro.plate("_draws", total, dim=-(nesting + 1)):
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            guide_draws = {
+                n: _as_draws(guide_trace.nodes[n]["value"], site, total, nesting)
+                for n, site in latent.items()
+                if n in guide_trace.nodes
+            }
             samples = Predictive(
                 model,
-                guide=guide,
+                posterior_samples=guide_draws,
                 num_samples=total,
                 parallel=True,
                 return_sites=list(latent) + list(observed),
@@ -103,18 +132,54 @@ def to_inference_data(
     return _build(posterior, predictive, log_likelihood, observed_data)
 
 
+def _as_draws(value, site, total: int, nesting: int):
+    """A guide's ``total`` draws of a model site, shaped as the model broadcasts them under a
+    draw plate left of its ``nesting`` plates: (total, 1, ..., *batch_shape, *event_shape)."""
+    site_shape = tuple(site["value"].shape)
+    if value.numel() != total * math.prod(site_shape):  # the same value for every draw
+        value = value.expand((total,) + site_shape)
+    batch_shape = tuple(site["fn"].batch_shape)
+    event_shape = tuple(site["fn"].event_shape)
+    shape = (total,) + (1,) * (nesting - len(batch_shape)) + batch_shape + event_shape
+    return value.reshape(shape)
+
+
 def _pointwise_log_likelihood(model, samples, latent, observed, total, *args, **kwargs):
-    """log p(y_i | theta_s) per draw and observation: {site: (total, *batch_shape)}."""
+    """log p(y_i | theta_s) per draw and observation: {site: (total, *batch_shape)}.
+
+    Enumerated sites (a mixture's assignments) are summed out of each observation's term:
+    log p(y_i | theta) = log sum_z p(z | theta) p(y_i | z, theta), with the enumerated sites
+    whose values the observation's log density depends on."""
     nesting = max_plate_nesting(model, *args, **kwargs)
     values = {name: samples[name] for name in latent}
+    conditioned = poutine.enum(
+        poutine.condition(model, data=values), first_available_dim=-(nesting + 2)
+    )
     with pyro.plate("_draws", total, dim=-(nesting + 1)):
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+    enumerated = [
+        node["fn"].log_prob(node["value"])
+        for node in trace.nodes.values()
+        if node["type"] == "sample" and node["infer"].get("_enumerate_dim") is not None
+    ]
     result = {}
     for name, site in observed.items():
         node = trace.nodes[name]
         log_p = node["fn"].log_prob(node["value"])
+        if log_p.dim() > nesting + 1:  # enumeration dims left of the draws: sum them out
+            for term in enumerated:
+                if term.dim() > nesting + 1 and _shares_enum_dim(term, log_p, nesting):
+                    log_p = log_p + term
+            log_p = log_p.logsumexp(tuple(range(log_p.dim() - nesting - 1)))
         batch_shape = tuple(site["fn"].batch_shape)
         full = (total,) + (1,) * (nesting - len(batch_shape)) + batch_shape
         log_p = log_p.expand(torch.broadcast_shapes(log_p.shape, full))
         result[name] = log_p.reshape((total,) + batch_shape)
     return result
+
+
+def _shares_enum_dim(term, log_p, nesting: int) -> bool:
+    """Whether ``term`` varies along an enumeration dimension along which ``log_p`` varies."""
+    left = min(term.dim(), log_p.dim()) - nesting - 1
+    return any(term.shape[-nesting - 2 - i] > 1 and log_p.shape[-nesting - 2 - i] > 1
+               for i in range(left))

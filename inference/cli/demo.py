@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import arviz as az
 import pyro
+import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from inference.cli.data_files import parse_device
@@ -32,6 +34,7 @@ from inference.metrics import energy_distance
 from inference.svi import fit_svi
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
+from pyro_cwm.guides.log_joint import max_plate_nesting
 from pyro_cwm.nn import MAP_CHOICES, map_arguments
 
 DEMO_TARGETS = ("ring", "funnel")
@@ -65,17 +68,29 @@ def _optim(steps: int, lr: float) -> pyro.optim.PyroOptim:
     )
 
 
-def fit_guide(model, model_args: tuple, name: str, args) -> tuple[dict, az.InferenceData, list]:
+def fit_guide(
+    model, model_args: tuple, name: str, args, enumerated: Sequence[str] = ()
+) -> tuple[dict, az.InferenceData, list]:
     """Fit ``name`` (AutoNormal or AutoCWM) to ``model(*model_args)``; diagnose it.
 
     Returns the table row (ELBO, IS log Z, k-hat, time), the InferenceData and the losses.
     ``args`` carries ``steps``, ``lr``, ``components``, ``map``, ``samples``, ``seed``,
-    ``no_progress``.
+    ``no_progress``. ``enumerated`` names the model's discrete sites marked for parallel
+    enumeration (``config_enumerate``): AutoNormal then sees the model with them hidden
+    and trains with ``TraceEnum_ELBO``, which sums them out (AutoCWM and ``CWMELBO`` sum
+    them out on their own).
     """
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     map_name = None if name == "AutoNormal" else args.map or "location_scale"
-    if name == "AutoNormal":
+    if name == "AutoNormal" and enumerated:
+        guide = AutoNormal(poutine.block(model, hide=list(enumerated)))
+        loss = TraceEnum_ELBO(
+            num_particles=4,
+            vectorize_particles=True,
+            max_plate_nesting=max_plate_nesting(model, *model_args),
+        )
+    elif name == "AutoNormal":
         guide, loss = AutoNormal(model), Trace_ELBO(num_particles=4, vectorize_particles=True)
     else:
         guide = AutoCWM(model, num_components=args.components, **map_arguments(map_name))

@@ -5,6 +5,10 @@ arguments from ``--args NAME`` (a tuple in the same file, or a function returnin
 fits both guides as ``pyro-cwm demo`` does, prints the ArviZ summaries and the table
 (ELBO, IS log Z, PSIS k-hat, time) and writes the InferenceData (NetCDF), the loss curves,
 a scatter of the first two posterior coordinates of both guides and the table (JSON).
+
+Discrete sites marked for parallel enumeration (``config_enumerate``, a mixture's
+assignments) are found from a trace of the model and summed out: AutoNormal sees the model
+with them hidden and trains with ``TraceEnum_ELBO``; AutoCWM sums them out itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from inference.cli.data_files import parse_device
 from inference.cli.demo import add_svi_arguments, check_svi_arguments, fit_guide
 from inference.cli.errors import CLIError
+from inference.inference_data import enumerated_sites
 
 
 def register(subparsers) -> None:
@@ -81,9 +86,19 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, fits, written = [], {}, []
     with torch.device(device):
+        try:
+            # Discrete sites marked for enumeration (a mixture's assignments) are summed
+            # out: hidden from AutoNormal, which then trains with TraceEnum_ELBO.
+            enumerated = enumerated_sites(model, *model_args)
+        except Exception as error:  # the user's model: report it, whatever it raised
+            raise CLIError(f"running {args.target} failed: {type(error).__name__}: "
+                           f"{error}") from None
+        if enumerated:
+            print(f"vi: enumerated sites {', '.join(enumerated)} are summed out "
+                  "(AutoNormal: hidden, TraceEnum_ELBO)")
         for guide in ("AutoNormal", "AutoCWM"):
             try:
-                row, idata, losses = fit_guide(model, model_args, guide, args)
+                row, idata, losses = fit_guide(model, model_args, guide, args, enumerated)
             except (ValueError, TypeError) as error:
                 raise CLIError(f"{guide}: {error}") from None
             rows.append(row)

@@ -94,3 +94,41 @@ def test_vi_with_the_autoregressive_flow_map(tmp_path, capsys):
     rows = json.loads((out / "table.json").read_text())
     assert [r["map"] for r in rows] == [None, "maf"]
     assert all(math.isfinite(r["elbo"]) for r in rows)
+
+
+MIXTURE_FILE = """
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import config_enumerate
+from pyro.ops.indexing import Vindex
+
+@config_enumerate
+def mixture(x):
+    locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+        pyro.sample("x", dist.Normal(Vindex(locs)[..., z], 1.0), obs=x)
+
+x = (torch.tensor([-2.5, -2.0, -1.5, 1.5, 2.0, 2.5]),)
+"""
+
+
+def test_vi_on_a_mixture_with_enumerated_assignments(tmp_path, capsys):
+    # AutoNormal needs the enumerated site hidden and TraceEnum_ELBO; AutoCWM sums it out.
+    path = tmp_path / "mixture.py"
+    path.write_text(MIXTURE_FILE)
+    out = tmp_path / "out"
+    code = main(["vi", f"{path}:mixture", "--args", "x", "--steps", "10", "--samples", "100",
+                 "--components", "2", "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "enumerated sites z" in captured.out
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["guide"] for r in rows] == ["AutoNormal", "AutoCWM"]
+    assert all(math.isfinite(r["elbo"]) and math.isfinite(r["is_log_z"]) for r in rows)
+    for guide in ("AutoNormal", "AutoCWM"):
+        idata = az.from_netcdf(out / f"{guide}.nc")
+        assert set(idata.posterior.data_vars) == {"locs"}  # z is summed out, not drawn
+        assert idata.posterior["locs"].shape[-1] == 2
+        assert idata.log_likelihood["x"].shape[-1] == 6

@@ -15,7 +15,7 @@ import torch
 from pyro.infer import MCMC, Predictive
 from pyro.poutine.util import site_is_subsample
 
-from pyro_cwm.guides.log_joint import max_plate_nesting, structure_trace
+from pyro_cwm.guides.log_joint import is_enumerated, max_plate_nesting, structure_trace
 
 
 def _build(posterior, posterior_predictive, log_likelihood, observed_data) -> az.InferenceData:
@@ -28,18 +28,6 @@ def _build(posterior, posterior_predictive, log_likelihood, observed_data) -> az
     )
 
 
-def _is_enumerated(site) -> bool:
-    return site["infer"].get("enumerate") == "parallel" and not site["is_observed"]
-
-
-def enumerated_sites(model, *args, **kwargs) -> list[str]:
-    """The discrete latent sites of ``model(*args, **kwargs)`` marked for parallel
-    enumeration (``config_enumerate`` or ``infer={"enumerate": "parallel"}``): the sites an
-    ELBO sums out and that a guide must not cover."""
-    trace = structure_trace(model, *args, **kwargs)
-    return [n for n, s in trace.nodes.items() if s["type"] == "sample" and _is_enumerated(s)]
-
-
 def _sites(model, *args, **kwargs):
     """Latent and observed sites of the model; enumerated sites (summed out, never drawn
     from the posterior) are in neither."""
@@ -48,7 +36,7 @@ def _sites(model, *args, **kwargs):
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
             continue
-        if _is_enumerated(site):
+        if is_enumerated(site):
             continue
         (observed if site["is_observed"] else latent)[name] = site
     return latent, observed

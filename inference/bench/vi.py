@@ -86,6 +86,7 @@ from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.data.zoo import ZOO
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.laplace import log_joint_derivatives, newton_refine
+from pyro_cwm.guides.log_joint import enumerated_sites
 from pyro_cwm.nn import map_arguments
 
 DEFAULT_REFPOST = Path(__file__).resolve().parents[2].parent / "shared" / "refpost"
@@ -109,7 +110,6 @@ class Problem:
     # Local latents in a subsampled plate: the global sites (guides become an AutoGuideList
     # of the method on these and AutoNormal on the rest; PSIS does not apply).
     global_sites: list[str] | None = None
-    enumerated: bool = False  # config_enumerate sites: non-CWM guides train with TraceEnum
     psis_samples: int | None = None  # cap on PSIS draws (memory: full data in one batch)
 
 
@@ -169,7 +169,6 @@ def zoo_problem(name: str, seed: int) -> Problem:
         mode_weights=mode_weights,
         full_args=posterior.full_args,
         global_sites=posterior.global_sites,
-        enumerated=posterior.enumerated,
         psis_samples=500 if name == "logistic" else None,
     )
 
@@ -179,14 +178,16 @@ def make_guide(name: str, model, components: int, problem: Problem | None = None
 
     With ``problem.global_sites`` (local latents in a subsampled plate) the guide is an
     ``AutoGuideList``: the method on the global sites, ``AutoNormal`` on the local ones.
-    With ``problem.enumerated`` Pyro's guides see the model with its discrete sites hidden
-    (exposing the compared sites, as Pyro's enumeration tutorial does) and train with
+    With enumerated sites (``config_enumerate``) Pyro's guides see the model with its
+    discrete sites hidden (exposing the compared sites, as Pyro's enumeration tutorial does)
+    and train with
     ``TraceEnum_ELBO``; AutoCWM takes the model as it is (it sums them out itself).
     """
     global_sites = problem.global_sites if problem is not None else None
+    enumerated = problem is not None and bool(enumerated_sites(model, *problem.args))
     kind, _, map_name = name.partition(":")
     target = poutine.block(model, expose=global_sites) if global_sites else model
-    if problem is not None and problem.enumerated and kind != "AutoCWM":
+    if enumerated and kind != "AutoCWM":
         target = poutine.block(model, expose=problem.sites)
     if name == "AutoNormal":
         guide, loss = AutoNormal(target), None
@@ -206,7 +207,7 @@ def make_guide(name: str, model, components: int, problem: Problem | None = None
         guides.append(guide)
         guides.append(AutoNormal(poutine.block(model, hide=global_sites)))
         guide = guides
-    if loss is None and problem is not None and problem.enumerated:
+    if loss is None and enumerated:
         loss = TraceEnum_ELBO(max_plate_nesting=1)
     return guide, loss
 

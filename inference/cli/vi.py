@@ -25,7 +25,7 @@ import torch
 from inference.cli.data_files import parse_device
 from inference.cli.demo import add_svi_arguments, check_svi_arguments, fit_guide
 from inference.cli.errors import CLIError
-from inference.inference_data import enumerated_sites
+from pyro_cwm.guides.log_joint import enumerated_sites
 
 
 def register(subparsers) -> None:

@@ -48,15 +48,12 @@ class ZooPosterior(ReferencePosterior):
         global_sites: for a model with local latents in a subsampled plate, the global
             sites (the compared ones); a guide then is an ``AutoGuideList`` of a guide on
             these and an ``AutoNormal`` on the rest. None otherwise.
-        enumerated: whether the model has ``config_enumerate`` discrete sites (an ELBO
-            must sum them out: ``TraceEnum_ELBO``).
         notes: free-text remarks about the reference.
     """
 
     full_args: tuple = ()
     log_z: float | None = None
     global_sites: list[str] | None = None
-    enumerated: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,7 +122,6 @@ def make_mixture_enum(num_draws: int = 10_000, seed: int = 0) -> ZooPosterior:
         (draws + jitter).float(),
         full_args=args,
         log_z=log_z,
-        enumerated=True,
         notes=["reference: 2-D quadrature (501^2 grid on [-5, 5]^2)"],
     )
 

@@ -28,6 +28,7 @@ from pyro_cwm.guides.laplace import (
     newton_refine,
 )
 from pyro_cwm.guides.log_joint import (
+    is_enumerated,
     max_plate_nesting,
     structure_trace,
     unconstrained_log_joint,
@@ -44,15 +45,6 @@ def init_to_prior_sample(site: dict | None = None, radius: float = 2.0):
     if site is None:
         return lambda site: init_to_prior_sample(site, radius)
     return with_improper_fallback(init_to_sample, radius)(site)
-
-
-def _is_enumerated(msg: dict) -> bool:
-    """A latent site that the ELBO sums out (``config_enumerate``): not AutoCWM's to guide."""
-    return (
-        msg["type"] == "sample"
-        and not msg["is_observed"]
-        and msg["infer"].get("enumerate") == "parallel"
-    )
 
 
 class _ComponentChoice(dist.Categorical):
@@ -195,7 +187,7 @@ class AutoCWM(AutoContinuous):
         self._raw_model = model
         # Enumerated discrete sites are summed out by the ELBO, not guided.
         super().__init__(
-            poutine.block(model, hide_fn=_is_enumerated),
+            poutine.block(model, hide_fn=is_enumerated),
             init_loc_fn=with_improper_fallback(init_loc_fn),
         )
 

@@ -48,6 +48,23 @@ def with_improper_fallback(init_fn, radius: float = 0.0):
     return init
 
 
+def is_enumerated(site: dict) -> bool:
+    """A latent sample site marked for parallel enumeration (``config_enumerate``): an ELBO
+    sums it out, so no guide covers it."""
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and site["infer"].get("enumerate") == "parallel"
+    )
+
+
+def enumerated_sites(model, *args, **kwargs) -> list[str]:
+    """Names of the sites of ``model(*args, **kwargs)`` that are marked for parallel
+    enumeration (see ``is_enumerated``)."""
+    trace = structure_trace(model, *args, **kwargs)
+    return [name for name, site in trace.nodes.items() if is_enumerated(site)]
+
+
 def structure_trace(model, *args, **kwargs):
     """One trace of ``model`` for its structure: latent sites at feasible values, so that
     models with improper priors (which cannot be sampled) can be traced too."""
@@ -55,11 +72,10 @@ def structure_trace(model, *args, **kwargs):
 
     def init(site):
         try:
-            if not site["fn"].support.is_discrete:
-                return continuous(site)
-        except NotImplementedError:  # a support without a bijection: AutoCWM names it
-            pass
-        return site["fn"].sample().detach()
+            discrete = site["fn"].support.is_discrete
+        except NotImplementedError:  # a support that cannot say: drawn, and AutoCWM names it
+            discrete = True
+        return site["fn"].sample().detach() if discrete else continuous(site)
 
     model = InitMessenger(init)(model)
     return poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)

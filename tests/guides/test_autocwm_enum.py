@@ -1,21 +1,18 @@
 """AutoCWM on Pyro models written the usual way: TraceEnum_ELBO, enumerated mixtures,
 guide lists with subsampled local latents, improper priors and bad input."""
 
-import math
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, config_enumerate, infer_discrete
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, infer_discrete
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
-from pyro.ops.indexing import Vindex
 
 from inference import CWMELBO, fit_svi, psis_diagnostic
+from pyro_cwm.data.zoo import mixture_enum, mixture_log_joint, mixture_quadrature
 from pyro_cwm.guides import AutoCWM
-
-PRIOR_SCALE = 5.0
 
 
 def two_cluster_data():
@@ -24,27 +21,11 @@ def two_cluster_data():
     return torch.cat([draws[:50] - 2, draws[50:] + 2])
 
 
-@config_enumerate
-def mixture(data):
-    """Equal weights fixed, the two means latent: the textbook label-switching posterior."""
-    locs = pyro.sample("locs", dist.Normal(0.0, PRIOR_SCALE).expand([2]).to_event(1))
-    with pyro.plate("data", len(data)):
-        z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
-        pyro.sample("x", dist.Normal(Vindex(locs)[..., z], 1.0), obs=data)
+mixture = mixture_enum  # loc (2,) latent, prior N(0, 5^2), assignments z enumerated
 
 
-def mixture_log_joint(locs, data):
-    """log p(locs, data) at locs (..., 2), the assignments summed out by hand."""
-    prior = dist.Normal(0.0, PRIOR_SCALE).log_prob(locs).sum(-1)
-    terms = dist.Normal(locs[..., None, :], 1.0).log_prob(data[:, None]) - math.log(2)
-    return prior + terms.logsumexp(-1).sum(-1)
-
-
-def quadrature_log_evidence(data, half_width=6.0, num=401):
-    grid = torch.linspace(-half_width, half_width, num, dtype=torch.float64)
-    locs = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
-    log_p = mixture_log_joint(locs, data.double())
-    return (log_p.logsumexp((0, 1)) + 2 * math.log(grid[1] - grid[0])).item()
+def quadrature_log_evidence(data):
+    return mixture_quadrature(data.double(), half_width=6.0, num=401)[2]
 
 
 def kl_and_share(guide, data, num_samples=20_000):
@@ -126,8 +107,8 @@ def test_autonormal_holds_one_permutation_for_contrast():
     fit_svi(mixture, guide, data, loss=elbo, num_steps=600, progress=False)
     torch.manual_seed(1)
     with torch.no_grad():
-        draws = Predictive(mixture, guide=guide, num_samples=4000, return_sites=["locs"])(data)
-    share = (draws["locs"][:, 0, 0] < draws["locs"][:, 0, 1]).float().mean().item()
+        draws = Predictive(mixture, guide=guide, num_samples=4000, return_sites=["loc"])(data)
+    share = (draws["loc"][:, 0, 0] < draws["loc"][:, 0, 1]).float().mean().item()
     assert share in (0.0, 1.0)
 
 
@@ -136,14 +117,14 @@ def test_predictive_and_infer_discrete_on_the_enumerated_mixture():
     pyro.set_rng_seed(0)
     guide = AutoCWM(mixture, num_components=2)
     fit_svi(mixture, guide, data, num_steps=50, progress=False)
-    samples = Predictive(mixture, guide=guide, num_samples=10, return_sites=["locs"])(data)
-    assert samples["locs"].shape == (10, 1, 2)
+    samples = Predictive(mixture, guide=guide, num_samples=10, return_sites=["loc"])(data)
+    assert samples["loc"].shape == (10, 1, 2)
     guide_trace = poutine.trace(guide).get_trace(data)
     classify = infer_discrete(
         poutine.replay(mixture, trace=guide_trace), first_available_dim=-2, temperature=0
     )
     z = poutine.trace(classify).get_trace(data).nodes["z"]["value"]
-    locs = guide_trace.nodes["locs"]["value"]
+    locs = guide_trace.nodes["loc"]["value"]
     # The MAP assignment of each point is the nearer mean.
     nearer = (data[:, None] - locs).abs().argmin(-1)
     assert torch.equal(z, nearer)

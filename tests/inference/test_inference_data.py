@@ -8,14 +8,14 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import MCMC, NUTS, config_enumerate
+from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoNormal
-from pyro.ops.indexing import Vindex
 
 from inference import fit_svi, psis_diagnostic, to_inference_data
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA as SIGMA
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_Y as Y
 from pyro_cwm.data.posteriors import eight_schools
+from pyro_cwm.data.zoo import mixture_enum
 from pyro_cwm.guides import AutoCWM
 
 with warnings.catch_warnings():
@@ -107,13 +107,7 @@ def test_bad_arguments():
         psis_diagnostic(conjugate, AutoNormal(conjugate), torch.zeros(3), num_samples=5)
 
 
-@config_enumerate
-def two_means(x):
-    """A vector site outside every plate and an enumerated assignment per point."""
-    locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
-    with pyro.plate("data", len(x)):
-        z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
-        pyro.sample("x", dist.Normal(Vindex(locs)[..., z], 1.0), obs=x)
+two_means = mixture_enum  # loc (2,) outside every plate, an enumerated z per point
 
 
 def test_an_enumerated_mixture_sums_its_assignments_out_of_the_log_likelihood():
@@ -122,9 +116,9 @@ def test_an_enumerated_mixture_sums_its_assignments_out_of_the_log_likelihood():
     guide = AutoNormal(poutine.block(two_means, hide=["z"]))
     guide(x)
     data = to_inference_data(two_means, guide, x, num_samples=40)
-    assert set(data.posterior.data_vars) == {"locs"}  # z is summed out, not a posterior draw
-    locs = torch.as_tensor(data.posterior["locs"].values).reshape(-1, 2)
-    log_lik = torch.as_tensor(data.log_likelihood["x"].values).reshape(-1, 5)
+    assert set(data.posterior.data_vars) == {"loc"}  # z is summed out, not a posterior draw
+    locs = torch.as_tensor(data.posterior["loc"].values).reshape(-1, 2)
+    log_lik = torch.as_tensor(data.log_likelihood["y"].values).reshape(-1, 5)
     # log p(x_i | locs) = log sum_k 1/2 N(x_i | locs_k, 1)
     exact = (dist.Normal(locs[:, None, :], 1.0).log_prob(x[:, None]) - np.log(2)).logsumexp(-1)
     assert torch.allclose(log_lik, exact, atol=1e-5)

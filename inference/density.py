@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.em.pretrain import em_pretrain
+from inference.svi.checkpoint import load_checkpoint, save_checkpoint
 from inference.validation import as_data_tensor
 from pyro_cwm.nn.checks import check_positive_int
 

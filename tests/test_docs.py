@@ -191,7 +191,7 @@ def test_module_docstrings_render(site):
     assert link in distributions
     assert "<td><code>Sigma_k = L L^T</code> for every k</td>" in distributions
     assert 'id="pyro_cwm.nn.maps"' in _page(site, "nn")
-    assert 'id="inference.elbo"' in _page(site, "inference")
+    assert 'id="inference.svi.elbo"' in _page(site, "inference")
 
 
 def test_no_sphinx_roles_or_rest_blocks_in_rendered_pages(site):

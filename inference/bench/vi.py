@@ -77,9 +77,9 @@ from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor
 
 from inference.diagnostics import psis_diagnostic
-from inference.elbo import CWMELBO
 from inference.metrics import energy_distance, marginal_errors
 from inference.svi import fit_svi
+from inference.svi.elbo import CWMELBO
 from pyro_cwm.data.posteriordb import POSTERIORS, load_reference_posterior
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from pyro_cwm.data.targets import TARGETS

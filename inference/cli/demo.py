@@ -28,10 +28,10 @@ from pyro.infer.autoguide import AutoNormal
 from inference.cli.data_files import parse_device
 from inference.cli.errors import CLIError
 from inference.diagnostics import psis_diagnostic
-from inference.elbo import CWMELBO
 from inference.inference_data import to_inference_data
 from inference.metrics import energy_distance
 from inference.svi import fit_svi
+from inference.svi.elbo import CWMELBO
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.log_joint import max_plate_nesting

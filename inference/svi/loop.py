@@ -15,8 +15,8 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
-from inference.checkpoint import load_checkpoint, save_checkpoint
-from inference.elbo import CWMELBO, cwm_guides
+from inference.svi.checkpoint import load_checkpoint, save_checkpoint
+from inference.svi.elbo import CWMELBO, cwm_guides
 from pyro_cwm.nn.checks import check_positive_int
 
 

@@ -123,6 +123,9 @@ class CWMELBO(ELBO):
         return self._enum_elbo.differentiable_loss(model, guide, *args, **kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
+        if not isinstance(guide, AutoCWM) and cwm_guides(guide):
+            # TraceEnum_ELBO refuses differentiable_loss under no_grad; it has its own.
+            return self._enum_elbo.loss(model, guide, *args, **kwargs)
         with torch.no_grad():
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 

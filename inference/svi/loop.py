@@ -1,7 +1,9 @@
-"""The SVI loop: progress bar, history, early stopping, NaN stop, checkpoint and resume."""
+"""The SVI loop: progress bar, history, early stopping, NaN stop, checkpoint and resume,
+in one process or data-parallel under ``torchrun``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -15,7 +17,16 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
+from inference.em.distributed import all_reduce_sum, is_distributed, rank_and_size
 from inference.svi.checkpoint import load_checkpoint, save_checkpoint
+from inference.svi.data_parallel import (
+    ShardedSubsample,
+    average_gradients,
+    guide_buffers,
+    parameters_by_name,
+    synchronize_seed,
+    synchronize_start,
+)
 from inference.svi.elbo import CWMELBO, cwm_guides
 from pyro_cwm.nn.checks import check_positive_int
 
@@ -36,9 +47,22 @@ def _param_values() -> dict[str, torch.Tensor]:
 
 def _buffer_values(guide) -> dict[str, torch.Tensor]:
     """The guide's buffers (AutoCWM's preconditioner, set from its random starts)."""
-    if not isinstance(guide, torch.nn.Module):
-        return {}
-    return {name: b.detach().clone() for name, b in guide.named_buffers()}
+    return {name: b.detach().clone() for name, b in guide_buffers(guide).items()}
+
+
+def _checkpoint_exists(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint exists, the same answer on every process (or an error)."""
+    exists = os.path.exists(path)
+    if not is_distributed():
+        return exists
+    _, size = rank_and_size()
+    count = int(all_reduce_sum(torch.tensor([float(exists)]))[0])
+    if 0 < count < size:
+        raise ValueError(
+            f"checkpoint {str(path)!r} exists on {count} of {size} processes: put it on a "
+            "file system that every process reads"
+        )
+    return exists
 
 
 INITIAL_LR, FINAL_LR = 1e-2, 1e-3
@@ -110,7 +134,17 @@ def fit_svi(
         checkpoint: path of a checkpoint (parameters, the guide's buffers, optimizer state,
             RNG state and history) written every ``checkpoint_every`` steps and at the end
             (before the best parameters are restored); with ``resume``, an existing
-            checkpoint is continued.
+            checkpoint is continued. Under a process group only rank 0 writes it, and
+            every process resumes from it, whatever the number of processes that wrote it.
+
+    Data-parallel SVI: under ``torchrun``, once a `torch.distributed` process group of
+    several processes is initialized (gloo on CPU; NCCL on GPUs, one device per process),
+    the same call runs data-parallel: each process draws its minibatch of every
+    subsampled plate (``pyro.plate(name, N, subsample_size=B)``) from its own share of the
+    N rows, the gradients and the loss are averaged over the processes after every step,
+    and all processes start from rank 0's seed and parameters, so they end with the same
+    parameters and history. See [`inference.svi.data_parallel`][inference.svi.data_parallel]
+    for what is shared and how the minibatches are scaled.
 
     Returns:
         ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool,
@@ -120,7 +154,9 @@ def fit_svi(
     Raises:
         FloatingPointError: when the loss or a gradient is not finite; the parameters are
             those of the last finite step (the failing step is not applied).
-        ValueError: for bad options.
+        ValueError: for bad options; under a process group, on every process, when the
+            processes' parameters differ or a plate's ``subsample_size`` exceeds a
+            process's share of its rows.
     """
     check_positive_int("num_steps", num_steps)
     check_positive_int("checkpoint_every", checkpoint_every)
@@ -145,9 +181,18 @@ def fit_svi(
         "restored_best": False,
     }
     best_params: dict[str, torch.Tensor] = {}
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
+    distributed = is_distributed()
+    seed = synchronize_seed() if distributed else 0
+
+    def sharded(step: int):
+        return ShardedSubsample(seed, step) if distributed else contextlib.nullcontext()
+
+    resuming = checkpoint is not None and resume and _checkpoint_exists(checkpoint)
+    if resuming or distributed:
+        with sharded(-1):
+            loss.loss(model, guide, *args, **kwargs)  # creates every parameter
+    if resuming:
         state = load_checkpoint(checkpoint)
-        loss.loss(model, guide, *args, **kwargs)  # creates every parameter
         with torch.no_grad():
             for name, param in pyro.get_param_store().named_parameters():
                 if name in state["params"]:
@@ -166,10 +211,14 @@ def fit_svi(
         torch.set_rng_state(state["rng"])
         history = state["history"]
         best_params = state.get("best_params", {})
+        seed = state.get("subsample_seed", seed)
+    synchronize_start(guide)
     if hasattr(loss, "step"):
         loss.step = history["steps"]  # schedules in the loss (CWMELBO's warm-up) resume too
 
     def save() -> None:
+        if rank_and_size()[0] != 0:
+            return
         save_checkpoint(
             checkpoint,
             {
@@ -179,6 +228,7 @@ def fit_svi(
                 "rng": torch.get_rng_state(),
                 "history": history,
                 "best_params": best_params,
+                "subsample_seed": seed,
             },
         )
 
@@ -187,16 +237,18 @@ def fit_svi(
     bar = tqdm(
         range(history["steps"], num_steps),
         desc="fit_svi",
-        disable=not progress,
+        disable=not progress or rank_and_size()[0] != 0,
         initial=history["steps"],
         total=num_steps,
     )
     for step in bar:
         if history["stopped_early"]:
             break
-        with poutine.trace(param_only=True) as capture:
+        with poutine.trace(param_only=True) as capture, sharded(step):
             value = loss.loss_and_grads(model, guide, *args, **kwargs)
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        named = parameters_by_name(capture.trace)
+        value = average_gradients(named, value)
+        params = set(named.values())
         finite_grads = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
         if not (math.isfinite(value) and finite_grads):
             zero_grads(params)

@@ -1,6 +1,7 @@
 """AutoCWM on Pyro models written the usual way: TraceEnum_ELBO, enumerated mixtures,
 guide lists with subsampled local latents, improper priors and bad input."""
 
+import itertools
 
 import pyro
 import pyro.distributions as dist
@@ -10,9 +11,10 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, infer_discrete
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
-from inference import CWMELBO, fit_svi, psis_diagnostic
+from inference import CWMELBO, align_labels, fit_svi, psis_diagnostic, sample_bayesian_gmm_nuts
 from pyro_cwm.data.zoo import mixture_enum, mixture_log_joint, mixture_quadrature
 from pyro_cwm.guides import AutoCWM
+from pyro_cwm.models import BayesianGMM
 
 
 def two_cluster_data():
@@ -213,3 +215,30 @@ def test_a_support_without_a_bijection_is_named():
 
     with pytest.raises(ValueError, match="'w'"):
         AutoCWM(model)()
+
+
+def test_bayesian_gmm_guide_holds_every_label_permutation_with_its_share():
+    # Three well-separated clusters, a symmetric prior: the posterior has 3! = 6 copies
+    # of one mode, each with mass 1/6. NUTS (one chain, one copy, aligned) is the
+    # reference for the shape of a copy; the symmetry is the reference for the shares.
+    centers = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]])
+    points = torch.randn(3, 30, 2, generator=torch.Generator().manual_seed(1))
+    data = (centers[:, None, :] + points).reshape(-1, 2)
+    gmm = BayesianGMM(3, 2, covariance="diag")
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(gmm, num_components=6)
+    fit_svi(gmm, guide, data, loss=CWMELBO(num_particles=4), num_steps=1000, progress=False)
+    with torch.no_grad():
+        draws = Predictive(gmm, guide=guide, num_samples=4000, return_sites=["locs"])(data)
+    locs = draws["locs"].reshape(4000, 3, 2)
+    aligned = align_labels({"locs": locs}, reference=centers)
+    for permutation in itertools.permutations(range(3)):
+        share = (aligned.permutations == torch.tensor(permutation)).all(-1).double().mean()
+        assert abs(share - 1 / 6) < 0.05, (permutation, share)
+    run = sample_bayesian_gmm_nuts(gmm, data, num_samples=200, warmup_steps=200, seed=0)
+    nuts = align_labels({"locs": run.samples["locs"][0]}, reference=centers).samples["locs"]
+    mean_error = (aligned.samples["locs"].mean(0) - nuts.mean(0)).abs() / nuts.std(0)
+    assert mean_error.max() < 0.3
+    ratio = aligned.samples["locs"].std(0) / nuts.std(0)
+    assert ratio.min() > 0.75 and ratio.max() < 1.33

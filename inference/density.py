@@ -115,9 +115,11 @@ def fit_density(
 
     Returns:
         The history: ``train_nll`` and ``val_nll`` per epoch (mean NLL per point),
-        ``best_epoch``, ``best_val_nll``, ``stopped_early``, ``epochs``,
-        ``em_log_likelihood`` (empty if no EM) and ``time_s``. With held-out data the
-        model ends with the parameters of the best epoch.
+        ``best_epoch`` (0-based; -1 when no epoch improved on the starting parameters),
+        ``best_val_nll``, ``start_val_nll`` (the held-out NLL before the first epoch),
+        ``stopped_early``, ``epochs``, ``em_log_likelihood`` (empty if no EM) and
+        ``time_s``. With held-out data the model ends with the parameters of the best
+        epoch, or of the start (after EM pretraining) if no epoch beat it.
 
     Raises:
         ValueError, TypeError: for bad data, context or options.
@@ -195,6 +197,12 @@ def fit_density(
         em_seed = int(torch.randint(2**31, (1,), generator=generator))
         fit = em_pretrain(model, train_x, **{"random_state": em_seed, **(em_options or {})})
         history["em_log_likelihood"] = list(fit.lower_bounds_)
+    if has_val and start_epoch == 0:
+        # The start (the EM mixture, for a CWM) is a candidate too: a fit never ends worse
+        # on the held-out data than where it started.
+        history["start_val_nll"] = _mean_nll(model, val_x, val_c)
+        history["best_val_nll"], history["best_epoch"] = history["start_val_nll"], -1
+        best_state = copy.deepcopy(model.state_dict())
 
     n = train_x.shape[0]
     started = time.perf_counter() - history["time_s"]

@@ -60,15 +60,30 @@ def test_conditional_cwm_learns_a_conditional_density():
 def test_early_stopping_keeps_the_best_parameters():
     data, _ = two_gaussians(400, 2)
     cwm = CWM(1, 8, hidden_dims=(64, 64))
-    history = fit_density(cwm, data, epochs=300, lr=3e-2, patience=3, progress=False)
+    history = fit_density(
+        cwm, data, epochs=300, lr=3e-2, patience=3, em_pretraining=False, progress=False
+    )
     assert history["stopped_early"] and history["epochs"] < 300
     assert history["epochs"] - 1 - history["best_epoch"] == 3
-    assert history["best_val_nll"] == min(history["val_nll"])
+    assert history["best_val_nll"] == min(history["val_nll"]) < history["start_val_nll"]
     # The returned parameters are those of the best epoch: recompute on the same split.
     split = torch.randperm(400, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         val = -cwm().log_prob(data[split[:40]]).mean().item()
     assert val == pytest.approx(history["best_val_nll"], rel=1e-9)
+
+
+def test_a_fit_that_only_gets_worse_keeps_its_start():
+    # Steps far too large wreck the EM start: the start is kept, not the least bad epoch.
+    data, _ = two_gaussians(400, 3)
+    cwm = CWM(1, 2)
+    history = fit_density(cwm, data, epochs=3, lr=5.0, classifier_lr=5.0, progress=False)
+    assert history["best_epoch"] == -1
+    assert min(history["val_nll"]) > history["start_val_nll"] == history["best_val_nll"]
+    split = torch.randperm(400, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        val = -cwm().log_prob(data[split[:40]]).mean().item()
+    assert val == pytest.approx(history["start_val_nll"], rel=1e-9)
 
 
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):

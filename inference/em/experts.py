@@ -33,7 +33,6 @@ from inference.em.distributed import (
     shard_offset,
     shared_seed,
 )
-from pyro_cwm.models.gates import PerSampleDirichletGate
 from pyro_cwm.models.point_sums import PointSums, point_sums, using_point_sums
 
 
@@ -122,8 +121,7 @@ def _experts_em_once(model, X: Tensor, Y: Tensor, *, bar_description: str) -> Ex
         previous = bound
         last_state = copy.deepcopy(model.state_dict())
         if hard:
-            picks = torch.multinomial(resp, 1).squeeze(-1)
-            weights = torch.nn.functional.one_hot(picks, model.num_experts).to(resp.dtype)
+            weights = _draw_assignments(resp, sums)
         else:
             weights = resp
         model.update(X, Y, weights)
@@ -131,6 +129,20 @@ def _experts_em_once(model, X: Tensor, Y: Tensor, *, bar_description: str) -> Ex
     if hard and best_state is not None:
         model.load_state_dict(best_state)
     return run
+
+
+def _draw_assignments(resp: Tensor, sums: PointSums) -> Tensor:
+    """One expert per point drawn from ``resp`` (n, K), as one-hot rows (n, K).
+
+    Inverse-CDF draws from one uniform per point of the whole data set (torch's global
+    RNG, in the same state on every process): a process keeps the uniforms of its own
+    rows, so the processes together draw what one process draws for all the points.
+    """
+    n, k = resp.shape
+    uniforms = torch.rand(sums.count(n), dtype=resp.dtype, device=resp.device)
+    uniforms = uniforms[sums.offset : sums.offset + n]
+    picks = (resp.cumsum(-1) < uniforms.unsqueeze(-1)).sum(-1).clamp_max(k - 1)
+    return torch.nn.functional.one_hot(picks, k).to(resp.dtype)
 
 
 def fit_experts_em(model, X, Y) -> ExpertsEMRun:
@@ -149,23 +161,18 @@ def fit_experts_em(model, X, Y) -> ExpertsEMRun:
     data); sets ``model.history_``, ``n_iter_``, ``converged_``, ``lower_bound_``.
 
     Under ``torchrun`` (a `torch.distributed` process group) every process passes its shard
-    of the points and every process ends with the fit of all of them (soft mode, with
-    Bayesian linear or module experts and a Dirichlet or softmax gate); ``seed=None`` takes
+    of the points and every process ends with the fit of all of them, the one a single
+    process gets on the concatenated shards (both modes, every gate and expert family;
+    a per-sample gate keeps the posteriors of this process's points); ``seed=None`` takes
     rank 0's seed. Mismatched shards are a ValueError on every process.
 
     Raises:
         TypeError, ValueError: for bad data (see ``pyro_cwm.models.mixture_of_experts.
             check_regression_data``), or more experts than points.
         ValueError: if the bound becomes NaN or infinite (the last finite parameters are
-            kept); under a process group, for a hard mode or a per-sample gate (not
-            data-parallel).
+            kept).
     """
     sharded = is_distributed()
-    if sharded and (model.mode == "hard" or isinstance(model.gate, PerSampleDirichletGate)):
-        raise ValueError(
-            "data-parallel EM of a mixture of experts needs mode='soft' and a gate that is "
-            "not per-sample"
-        )
     X, Y, error = _checked(model, X, Y, sharded)
     if sharded:
         check_shards(*((0, torch.float64) if X is None else (X.shape[1], X.dtype)), error)

@@ -239,6 +239,7 @@ class PerSampleDirichletGate(Gate):
         mu = _concentration(concentration, self.num_experts)
         self.register_buffer("prior_concentration", mu)
         self.register_buffer("concentration", mu.unsqueeze(0).clone())
+        self.register_buffer("mean_weights", mu / mu.sum())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of training points is only known after a fit: adopt the saved shape.
@@ -251,6 +252,14 @@ class PerSampleDirichletGate(Gate):
         self.concentration = (self.prior_concentration + 1.0 / self.num_experts).expand(
             X.shape[0], -1
         ).clone()
+        self._average()
+
+    def _average(self) -> None:
+        # The posterior mean averaged over every training point (of every process): the
+        # weights predicted for new points.
+        sums, a = point_sums(), self.concentration
+        total = sums.total((a / a.sum(-1, keepdim=True)).sum(0))
+        self.mean_weights = total / sums.count(a.shape[0])
 
     def expected_log_weights(self, X: Tensor) -> Tensor:
         a = self.concentration
@@ -263,15 +272,14 @@ class PerSampleDirichletGate(Gate):
 
     def update(self, X: Tensor, weights: Tensor) -> None:
         self.concentration = self.prior_concentration + weights
+        self._average()
 
     def bound(self) -> Tensor:
         prior = dist.Dirichlet(self.prior_concentration.expand_as(self.concentration))
-        return -kl_divergence(dist.Dirichlet(self.concentration), prior).sum()
+        return -point_sums().total(kl_divergence(dist.Dirichlet(self.concentration), prior).sum())
 
     def forward(self, X: Tensor) -> Tensor:
-        a = self.concentration
-        mean = (a / a.sum(-1, keepdim=True)).mean(0)
-        return mean.to(X).expand(X.shape[0], -1)
+        return self.mean_weights.to(X).expand(X.shape[0], -1)
 
     def pyro_weights(self, X: Tensor, data_plate: pyro.plate) -> Tensor:
         with data_plate:

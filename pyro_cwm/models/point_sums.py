@@ -29,10 +29,12 @@ class PointSums:
     A subclass for data split across processes overrides the methods so that each returns
     the value for all the points: ``total`` sums over the processes, ``count`` is the
     number of points of all of them, ``rows`` reads rows at global indices (the shards in
-    process order being the data set).
+    process order being the data set), ``offset`` is the global index of this process's
+    first point.
     """
 
     distributed = False
+    offset = 0  # the global index of this process's first point
 
     def total(self, values: T) -> T:
         """Sums over this process's points (a tensor or a list of tensors) -> over all points."""

@@ -115,12 +115,14 @@ def stream_batches(directory: Path, rank: int, size: int) -> list[torch.Tensor]:
     return [b[slice(*shard_rows(len(b), rank, size))] for b in batches]
 
 
-# Mixtures of experts in soft mode: (name, constructor options); float64 two planes.
+# Mixtures of experts: (name, constructor options); float64 two planes.
 EXPERTS = [
     ("softmax", {"gate": "softmax", "n_init": 2, "max_iter": 8}),
     ("dirichlet-hyper", {"gate": "dirichlet", "optimize": ("noise", "prior_mean", "prior_cov"),
                          "regularizer": PullPriorMeans(0.5), "max_iter": 25}),
     ("modules", {"gate": "dirichlet", "max_iter": 10}),
+    ("hard", {"gate": "dirichlet", "mode": "hard", "n_init": 2, "max_iter": 12}),
+    ("per-sample", {"gate": "per_sample", "max_iter": 15}),
 ]
 
 
@@ -186,10 +188,9 @@ def run_errors(directory: Path, rank: int, size: int) -> dict:
         "features": torch.cat([shard, shard[:, :1]], 1) if rank == 1 else shard,
     }
     X, Y = experts_data(rank, size)
-    experts = {  # a mixture of experts: rank 1's X has a column too many; hard mode
+    experts = {  # a mixture of experts: rank 1's X has a column too many
         "experts-features": (MixtureOfExperts(2, 2, gate="dirichlet"),
                              torch.cat([X, X[:, :1]], 1) if rank == 1 else X, Y),
-        "experts-hard": (MixtureOfExperts(2, 2, gate="dirichlet", mode="hard"), X, Y),
     }
     fits = [(name, lambda X=X: GaussianMixtureEM(3, random_state=0).fit(X))
             for name, X in bad.items()]

@@ -95,9 +95,13 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
     for name, case in worker.EXPERTS:  # mixtures of experts, data-parallel
         references.append((f"experts-{name}", worker.fit_experts(name, case,
                                                                 *worker.experts_data())))
-    for rank_fits in fits:
+    num_points = worker.experts_data()[0].shape[0]
+    for rank, rank_fits in enumerate(fits):
         for name, expected in references:
             for key, value in expected.items():
+                if key == "gate.concentration" and value.shape[0] == num_points:
+                    # A per-sample gate: each process holds its own points' posteriors.
+                    value = value[slice(*worker.shard_rows(num_points, rank, 2))]
                 torch.testing.assert_close(rank_fits[name][key], value, rtol=1e-10, atol=1e-10,
                                            msg=lambda m, name=name, key=key: f"{name} {key}: {m}")
     # The bad shards: one ValueError on every process, the last one ends the launch.
@@ -108,9 +112,6 @@ def test_torchrun_two_processes_fit_what_one_fits_and_fail_together(launched):
         assert "rank 0: 3 features, float64, rank 1: 4 features, float64" in features
         dtype = (directory / f"error-dtype-rank{rank}.txt").read_text()
         assert "rank 1: 3 features, float32" in dtype
-    for rank in range(2):
-        hard = (directory / f"error-experts-hard-rank{rank}.txt").read_text()
-        assert "needs mode='soft'" in hard
     found = {"nan": "NaN", "nan-memmap": "NaN", "experts-features": "must have 2 columns"}
     for case, message in found.items():  # found by rank 1, told to rank 0
         assert message in (directory / f"error-{case}-rank1.txt").read_text()

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from inference.bench import density, em, vi
@@ -215,3 +216,26 @@ def test_vi_step_cost_times_both_guides_on_each_target_and_writes_its_rows(tmp_p
     assert json.loads(out.read_text())["rows"] == rows
     with pytest.raises(SystemExit):
         vi.main(["--step-cost", "--step-cost-targets", "ring"])
+
+
+def test_out_of_core_bench_writes_the_memmap_fits_it_and_reports_the_peak_memory(tmp_path):
+    from inference.bench import out_of_core
+
+    path, out = tmp_path / "x.f32", tmp_path / "ooc.json"
+    args = ["--rows", "3000", "--dim", "4", "--components", "3", "--iters", "2",
+            "--block-rows", "1000", "--path", str(path)]
+    assert out_of_core.main([*args, "--make-only"]) is None
+    data = np.fromfile(path, dtype=np.float32).reshape(3000, 4)  # three blocks, one stream
+    assert np.isfinite(data).all() and len(np.unique(data, axis=0)) == 3000
+    record = json.loads((tmp_path / "x.f32.json").read_text())
+    assert out_of_core.is_made(path, record)
+    assert not out_of_core.is_made(path, {**record, "seed": 1})
+    report = out_of_core.main([*args, "--out", str(out), "--delete"])
+    assert not path.exists() and json.loads(out.read_text()) == report
+    assert report["processes"] == 1 and report["n_iter"] == 2
+    assert len(report["seconds_per_iteration"]) == 2 and len(report["lower_bounds"]) == 2
+    assert math.isfinite(report["lower_bound"]) and report["lower_bound"] > -20
+    process = report["per_process"][0]
+    assert process["rows"] == [0, 3000]
+    assert process["peak_rss_bytes"] >= process["rss_before_fit_bytes"] > 0
+    assert report["peak_rss_bytes"] == process["peak_rss_bytes"]

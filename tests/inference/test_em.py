@@ -1,9 +1,17 @@
 """The EM loop: monotone likelihood, chunk invariance, memmaps and stepwise EM."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import inference.em.estimator as estimator
 from inference import GaussianMixtureEM
 from inference.em.families import chunk_statistics, m_step, second_order_features
 from inference.em.loop import centered_expectation, expectation, feature_chunks, run_em
@@ -93,6 +101,116 @@ def test_memmap_with_nan_is_refused(tmp_path):
     stored[:] = x
     with pytest.raises(ValueError, match="NaN"):
         GaussianMixtureEM(3, chunk_size=100).fit(stored)
+
+
+def stored_memmap(x: np.ndarray, path: Path, mode: str = "r") -> np.memmap:
+    stored = np.memmap(path, dtype=x.dtype, mode="w+", shape=x.shape)
+    stored[:] = x
+    stored.flush()
+    del stored
+    return np.memmap(path, dtype=x.dtype, mode=mode, shape=x.shape)
+
+
+NOT_CONVERGED = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+@NOT_CONVERGED
+@pytest.mark.parametrize("mode", ["r", "r+", "c"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_memmap_gives_the_in_memory_results_bit_for_bit(tmp_path, monkeypatch, dtype, mode):
+    # Blocks of 3 chunks of 37 rows, and a last block and chunk that are cut short.
+    monkeypatch.setattr(estimator, "READ_BYTES", 3 * 37 * 2 * np.dtype(dtype).itemsize + 5)
+    x = three_clusters(1000)[0].astype(dtype)
+    mapped = stored_memmap(x, tmp_path / "x.dat", mode)
+    options = dict(covariance_type="diag", random_state=0, tol=0.0, max_iter=5, chunk_size=37)
+    a = GaussianMixtureEM(3, n_init=2, **options).fit(x)
+    b = GaussianMixtureEM(3, n_init=2, **options).fit(mapped)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.lower_bounds_ == b.lower_bounds_
+    assert np.array_equal(a.score_samples(x), b.score_samples(mapped))
+    assert np.array_equal(a.predict_proba(x), b.predict_proba(mapped))
+    assert np.array_equal(a.predict(x), b.fit_predict(mapped))
+    assert np.array_equal(mapped, x)  # the pages dropped after reading come back unchanged
+
+
+@NOT_CONVERGED
+def test_copy_on_write_memmap_is_fitted_with_its_changes_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(estimator, "READ_BYTES", 4096)
+    x = three_clusters(3000)[0]
+    mapped = stored_memmap(x, tmp_path / "x.dat", "c")
+    mapped[::7] += 50.0  # in this process's pages only, not in the file
+    changed = np.array(mapped)
+    options = dict(random_state=0, tol=0.0, max_iter=4, chunk_size=100)
+    a = GaussianMixtureEM(3, **options).fit(changed)
+    b = GaussianMixtureEM(3, **options).fit(mapped)
+    assert np.array_equal(a.means_, b.means_)
+    assert np.array_equal(mapped, changed)
+
+
+def test_memmap_initialization_rows_are_the_drawn_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(estimator, "READ_BYTES", 1000)  # blocks of 62 rows of 16 bytes
+    x = three_clusters(2000)[0]
+    mapped = stored_memmap(x, tmp_path / "x.dat")
+    data = estimator._Data(mapped, torch.device("cpu"), torch.float64, True)
+    rows = data.init_rows(300, torch.Generator().manual_seed(3))
+    index = torch.randperm(2000, generator=torch.Generator().manual_seed(3))[:300].sort().values
+    assert torch.equal(rows, torch.from_numpy(x)[index])
+
+
+# Fits and scores a memmap's first sixteenth, then the whole memmap, in a fresh process;
+# prints the growth of the peak resident memory from the first to the second (the part that
+# grows with the data: the costs that do not, from thread pools to the k-means on the
+# initialization rows, are paid by the first), and the file's pages still mapped at the end.
+RESIDENT_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from inference import GaussianMixtureEM
+
+    rows, dim, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    x = np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dim))
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = []
+    for part in (x[: rows // 16], x):
+        gm = GaussianMixtureEM(2, covariance_type="diag", init_params="random_from_data",
+                               max_iter=2, tol=0.0, random_state=0)
+        score = gm.fit(part).score(part)
+        peaks.append(peak())
+    mapped = 0
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            if line[0] in "0123456789abcdef" and " " in line:
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                mapped += int(line.split()[1]) * 1024
+    print(json.dumps({"growth": peaks[1] - peaks[0], "mapped": mapped, "score": score}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's resident-set counts")
+def test_a_pass_over_a_memmap_does_not_leave_the_file_resident(tmp_path):
+    # 256 MiB: reading through the mapping alone, the peak resident memory grows by the file.
+    rows, dim = 2**21, 32
+    path = tmp_path / "big.f32"
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        for _ in range(16):
+            rng.standard_normal((rows // 16, dim), dtype=np.float32).tofile(f)
+    file_bytes = rows * dim * 4
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", RESIDENT_CHILD, str(rows), str(dim), str(path)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=repo,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert np.isfinite(report["score"])
+    assert report["mapped"] < file_bytes / 64, report
+    assert report["growth"] < file_bytes / 4, report
 
 
 @pytest.mark.parametrize("kind", ["full", "diag"])

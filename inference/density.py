@@ -247,14 +247,14 @@ def fit_density(
             val = _mean_nll(model, val_x, val_c)
             history["val_nll"].append(val)
             postfix["val_nll"] = f"{val:.4f}"
-            if val < history["best_val_nll"]:
+            if val < history["best_val_nll"]:  # the best so far, the start included
                 history["best_val_nll"], history["best_epoch"] = val, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            elif (
-                patience is not None
-                and history["best_epoch"] is not None
-                and epoch - history["best_epoch"] >= patience
-            ):
+            # Patience counts from the best trained epoch, not from the start: a CWM's
+            # classifier often first costs held-out NLL and then gains more than it cost.
+            trained = history["val_nll"]
+            best_trained = min(range(len(trained)), key=trained.__getitem__)
+            if patience is not None and epoch - best_trained >= patience:
                 history["stopped_early"] = True
         bar.set_postfix(postfix)
         history["time_s"] = time.perf_counter() - started

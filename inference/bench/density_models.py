@@ -65,6 +65,7 @@ def build(name: str, dim: int, options: Options) -> torch.nn.Module:
 
 MODELS: dict[str, Callable[[int, int], torch.nn.Module]] = {
     "cwm": lambda d, k: CWM(d, k, hidden_dims=(64, 64)),
+    "cwm-s": lambda d, k: CWM(d, k, hidden_dims=(32, 32)),
     "cwm-affine": lambda d, k: CWM(d, k, hidden_dims=(64, 64), map="affine"),
     "cwm-flow": lambda d, k: CWM(
         d,

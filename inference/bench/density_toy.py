@@ -21,7 +21,7 @@ from inference.bench.density_models import Fitted, Options, fit_em, fit_gradient
 from pyro_cwm.data import TOY_DENSITIES, ToyDensity
 
 DEFAULT_MODELS = (
-    "gmm,cwm,cwm-affine,cwm-flow,realnvp-s,realnvp-l,nsf-s,nsf-l,maf-s,maf-l,cwm-split"
+    "gmm,cwm,cwm-s,cwm-affine,cwm-flow,realnvp-s,realnvp-l,nsf-s,nsf-l,maf-s,maf-l,cwm-split"
 )
 
 

@@ -77,8 +77,13 @@ def test_a_fit_that_only_gets_worse_keeps_its_start():
     # Steps far too large wreck the EM start: the start is kept, not the least bad epoch.
     data, _ = two_gaussians(400, 3)
     cwm = CWM(1, 2)
-    history = fit_density(cwm, data, epochs=3, lr=5.0, classifier_lr=5.0, progress=False)
+    history = fit_density(
+        cwm, data, epochs=30, lr=5.0, classifier_lr=5.0, patience=2, progress=False
+    )
     assert history["best_epoch"] == -1
+    # Patience counts from the best trained epoch (the start stays the best overall).
+    best_trained = int(np.argmin(history["val_nll"]))
+    assert history["stopped_early"] and history["epochs"] - 1 - best_trained == 2
     assert min(history["val_nll"]) > history["start_val_nll"] == history["best_val_nll"]
     split = torch.randperm(400, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

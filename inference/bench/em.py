@@ -37,7 +37,10 @@ GFLOP/s is flops per iteration times ``--iters`` over the wall time (which also 
 set-up and the final labelling pass of ``fit``), so it understates the rate of an
 iteration. The peak is measured at start-up at each thread count: the best of five
 2048 x 2048 torch matmuls in that dtype (4096 on a GPU), which on a shared machine
-also varies with the neighbours' load.
+also varies with the neighbours' load. The rows keep the 1-minute load average before
+each thread count (``load_before``): with more runnable threads than cores, every
+parallel region waits for a descheduled thread, and both libraries' times at 2 threads
+grow several-fold.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 import warnings
@@ -235,9 +239,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             wanted |= {(args.device, name) for name in args.dtypes}
             peaks = {key: matmul_peak(getattr(torch, key[1]), key[0]) for key in sorted(wanted)}
             shown = {f"{device} {name}": round(value, 1) for (device, name), value in peaks.items()}
-            print(f"threads {threads}: matmul peak GFLOP/s {shown}", flush=True)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            print(f"threads {threads}: matmul peak GFLOP/s {shown}, load {load}", flush=True)
             for size in args.sizes.split(","):
-                rows += _size_rows(args, peers, threads, peaks, size)
+                for row in _size_rows(args, peers, threads, peaks, size):
+                    row["load_before"] = load
+                    rows.append(row)
     print()
     print(TABLE_HEAD)
     for r in rows:

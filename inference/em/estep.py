@@ -37,6 +37,11 @@ the centered data's coordinates), is what the moments about the origin cost.
 (always in float64 for any sane data; in float32 unless the clusters lie many of their
 own widths from the data's mean). Otherwise the caller runs the centered scheme
 (``inference.em.loop.centered_expectation``), which whitens every ``x_n - mu_k``.
+Measured in float32 (d = 32, K = 16, one E-step against float64): the covariances come
+out within about ``0.05 eps kappa`` relative and the log-densities within
+``0.01 eps kappa`` nats, so at the tolerance about 6e-6 and 1e-5 (the centered scheme:
+2e-7 and 3e-6 whatever kappa); with clusters 100 widths from the mean (eps kappa = 0.1)
+4e-3 and 3e-3, which the rule leaves to the centered scheme.
 In float32 the statistics are summed in float64 across chunks (the returned statistics
 are float64), so that N does not add to the rounding.
 """

@@ -387,13 +387,16 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         if self.chunk_size is not None:
             return self.chunk_size
         # Rows whose E-step buffers (features and log-densities, see inference.em.estep)
-        # take about 4 MB on a CPU (cache sized), 2**26 numbers on a GPU (few kernel
-        # launches). The centered scheme cuts a chunk further (inference.em.loop).
+        # take about 4 MB per thread on a CPU (cache sized; with more threads, fewer
+        # parallel regions, which a loaded machine makes expensive), 2**26 numbers on a
+        # GPU (few kernel launches). The centered scheme cuts a chunk further
+        # (inference.em.loop).
         kind = self.covariance_type
         width = (dim + 1 if kind == "tied" else feature_width(dim, kind)) + self.n_components
         if device.type == "cuda":
             return max(256, 2**26 // width)
-        return max(256, 2**22 // (width * dtype.itemsize))
+        budget = 2**22 * torch.get_num_threads()
+        return max(256, budget // (width * dtype.itemsize))
 
     def _centered(self, dtype: torch.dtype) -> bool:
         """Whether E-steps outside the EM loop (scoring, labels) whiten every difference.

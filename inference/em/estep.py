@@ -64,7 +64,7 @@ from inference.em.families import (
 )
 from pyro_cwm.distributions.gaussian_mixture import log_det_precision_factor
 
-# eps * (kappa + d) below this: the moments about the origin lose at most about 1e-4 nats
+# eps * (kappa + d) below this: the moments about the origin lose about 1e-5 nats
 # per log-density (see the module documentation above).
 ORIGIN_TOLERANCE = 2.0**-13
 

@@ -9,6 +9,8 @@ processes (one all-reduce) before the M-step.
 
 - `inference.em.loop`: the EM loop, once for every family (full batch and stepwise).
 - `inference.em.families`: per family, the E-step log-densities, statistics and M-step.
+- `inference.em.estep`: the fast E-step (reused buffers, GEMMs, moments about the origin
+  where they are accurate) and the rule that falls back to the centered scheme.
 - `inference.em.estimator`: [`GaussianMixtureEM`][inference.GaussianMixtureEM], with
   scikit-learn's API.
 - `inference.em.kmeans`: k-means++ seeding and Lloyd's k-means (initialization).

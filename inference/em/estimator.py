@@ -33,6 +33,7 @@ from inference.em.distributed import (
     shard_offset,
     shared_seed,
 )
+from inference.em.estep import origin_is_accurate
 from inference.em.families import (
     GaussianMixtureParameters,
     SufficientStatistics,
@@ -63,7 +64,6 @@ from pyro_cwm.distributions.gaussian_mixture import (
 
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 MEMMAP_INIT_ROWS = 100_000  # rows of a memory-mapped array used to initialize
-FEATURE_CACHE_BYTES = 2**28  # EM keeps the data's second-order features below this size
 READ_BYTES = 2**23  # a memmap is read in blocks of about this size (whole E-step chunks)
 
 
@@ -478,23 +478,29 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     def _chunk_size(self, dim: int, device: torch.device, dtype: torch.dtype) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        # Rows whose per-chunk temporaries take about 2**19 numbers on a CPU (cache
-        # sized), 2**26 on a GPU (few kernel launches).
-        k = self.n_components
-        if self._centered(dtype):
-            width = k * (dim + 1)  # the differences x_n - mu_k
-        else:
-            width = feature_width(dim, self.covariance_type) + k
-        return max(256, (2**26 if device.type == "cuda" else 2**19) // width)
+        # Rows whose E-step buffers (features and log-densities, see inference.em.estep)
+        # take about 4 MB per thread on a CPU (cache sized; with more threads, fewer
+        # parallel regions, which a loaded machine makes expensive), 2**26 numbers on a
+        # GPU (few kernel launches). The centered scheme cuts a chunk further
+        # (inference.em.loop).
+        kind = self.covariance_type
+        width = (dim + 1 if kind == "tied" else feature_width(dim, kind)) + self.n_components
+        if device.type == "cuda":
+            return max(256, 2**26 // width)
+        budget = 2**22 * torch.get_num_threads()
+        return max(256, budget // (width * dtype.itemsize))
 
-    @staticmethod
-    def _centered(dtype: torch.dtype) -> bool:
-        # float32 whitens per component (accurate far from the means); float64 takes the
-        # faster feature products. See inference.em.families.
-        return dtype == torch.float32
+    def _centered(self, dtype: torch.dtype) -> bool:
+        """Whether E-steps outside the EM loop (scoring, labels) whiten every difference.
 
-    def _feature_bytes(self, data: _Data) -> int:
-        return data.num_rows * feature_width(data.dim, self.covariance_type) * data.dtype.itemsize
+        In float32 unless the fitted parameters keep the moments about the origin accurate
+        (``inference.em.estep.origin_is_accurate``, the EM loop's own rule); never in
+        float64. See inference.em.estep.
+        """
+        if dtype != torch.float32 or not self.__sklearn_is_fitted__():
+            return dtype == torch.float32
+        params = self._params.shifted(self._shift)
+        return not origin_is_accurate(params, self.covariance_type)
 
     def _generator(self, shared: bool = False) -> torch.Generator:
         """A CPU generator seeded from ``random_state``; ``shared``: under a process group,
@@ -575,7 +581,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         kind, size = self.covariance_type, self._chunk_size(x.shape[1], x.device, x.dtype)
         zeros = x.new_zeros(x.shape[0])
         pieces = zip(torch.split(x, size), torch.split(resp, size), torch.split(zeros, size))
-        if not self._centered(x.dtype):
+        if x.dtype != torch.float32:
             parts = (
                 chunk_statistics(second_order_features(xc, kind), rc.T, lc, kind, x.shape[1])
                 for xc, rc, lc in pieces
@@ -667,8 +673,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
                 constant_variance=self.constant_variance,
                 lower_bound=bound,
                 progress=self.verbose > 0 and rank_and_size()[0] == 0,
-                cache_features=self._feature_bytes(data) <= FEATURE_CACHE_BYTES,
-                centered=self._centered(data.dtype),
+                centered=None,  # per iteration: inference.em.estep.origin_is_accurate
             )
             if best is None or run.lower_bound > best_bound:
                 best, best_bound = run, run.lower_bound
@@ -685,6 +690,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         self.n_iter_ = best.n_iter
         self.lower_bound_ = best_bound
         self.lower_bounds_ = best.lower_bounds
+        self._centered_steps = best.centered_steps  # a diagnostic (inference.bench.em)
         return data
 
     def partial_fit(self, X, y=None) -> GaussianMixtureEM:

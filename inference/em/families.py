@@ -99,7 +99,7 @@ def feature_width(dim: int, kind: str) -> int:
     return dim + quad.get(kind, 1) + 1
 
 
-def second_order_features(x: Tensor, kind: str) -> Tensor:
+def second_order_features(x: Tensor, kind: str, out: Tensor | None = None) -> Tensor:
     """``[x, q(x), 1]`` for a chunk (n, d): the features that both EM steps are linear in.
 
     ``q(x)`` is ``x_i x_j`` for i <= j (full, tied), ``x^2`` (diag) or ``|x|^2``
@@ -107,9 +107,11 @@ def second_order_features(x: Tensor, kind: str) -> Tensor:
     features with per-component weights (the constant column carries the normalizers),
     and the statistics are ``resp @ features``: two large GEMMs per chunk instead of K
     small ones, and half the flops of whitening every point for every component.
+    ``out``: an (n, m) tensor to write them into (a buffer reused across chunks).
     """
     d = x.shape[-1]
-    out = x.new_empty(x.shape[0], feature_width(d, kind))
+    if out is None:
+        out = x.new_empty(x.shape[0], feature_width(d, kind))
     out[:, :d] = x
     if kind in ("full", "tied"):
         # Blocks x_i * x_{i..d-1}, in triu_indices order, written in place (a gather or a
@@ -121,7 +123,9 @@ def second_order_features(x: Tensor, kind: str) -> Tensor:
     elif kind == "diag":
         torch.square(x, out=out[:, d:-1])
     else:
-        torch.sum(x.square(), -1, keepdim=True, out=out[:, d:-1])
+        torch.square(x, out=out[:, :d])  # |x|^2 from the squares, then x over them
+        torch.sum(out[:, :d], -1, keepdim=True, out=out[:, d:-1])
+        out[:, :d] = x
     out[:, -1] = 1.0
     return out
 
@@ -152,6 +156,11 @@ def joint_log_probs(
     scikit-learn's diagonal families. The component-major (K, n) layout keeps the
     reductions over k and the statistics' product contiguous.
     """
+    return feature_weights(params, kind) @ features.T
+
+
+def feature_weights(params: GaussianMixtureParameters, kind: str) -> Tensor:
+    """The weights (K, m) with ``joint_log_probs = weights @ features^T``."""
     means, factor = params.means, params.precisions_cholesky
     d = means.shape[-1]
     if kind in ("full", "tied"):
@@ -174,8 +183,7 @@ def joint_log_probs(
         params.weights.log() + log_det
         - 0.5 * (d * math.log(2 * math.pi) + (lin * means).sum(-1))
     )
-    weights = torch.cat([lin, -0.5 * quad, const.unsqueeze(-1)], -1)  # (K, m)
-    return weights @ features.T
+    return torch.cat([lin, -0.5 * quad, const.unsqueeze(-1)], -1)  # (K, m)
 
 
 def chunk_statistics(

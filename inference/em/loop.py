@@ -12,10 +12,12 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from inference.em.distributed import all_reduce_sum
+from inference.em.estep import EStep, origin_is_accurate, origin_log_joint, responsibilities_
 from inference.em.families import (
     ILL_DEFINED,
     GaussianMixtureParameters,
@@ -34,8 +36,21 @@ def weighted_log_probs(
 ) -> Tensor:
     """``log pi_k + log N(x_n; mu_k, Sigma_k)`` for a chunk ``x`` (n, d): (n, K)."""
     if centered:
-        return centered_joint_log_probs(x, params, kind)[0].T
-    return joint_log_probs(second_order_features(x, kind), params, kind).T
+        pieces = _centered_pieces(x, params.means.shape[0])
+        return torch.cat([centered_joint_log_probs(p, params, kind)[0].T for p in pieces])
+    return origin_log_joint(x, params, kind).T
+
+
+# On a CPU the centered scheme's differences (K, rows, d) take about this many numbers.
+CENTERED_NUMBERS = 2**19
+
+
+def _centered_pieces(x: Tensor, num_components: int) -> tuple[Tensor, ...]:
+    """``x`` (n, d) in row pieces whose differences to the K means stay cache-sized on a
+    CPU (chunks are sized for the faster scheme); one piece elsewhere."""
+    if x.device.type != "cpu":
+        return (x,)
+    return torch.split(x, max(64, CENTERED_NUMBERS // (num_components * (x.shape[1] + 1))))
 
 
 def _responsibilities(log_joint: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,11 +58,8 @@ def _responsibilities(log_joint: Tensor) -> tuple[Tensor, Tensor]:
 
     One exp pass serves both (``log_joint`` is overwritten).
     """
-    top = log_joint.amax(0, keepdim=True)  # amax: max also computes indices, slowly
-    resp = log_joint.sub_(top).exp_()
-    total_mass = resp.sum(0, keepdim=True)
-    resp /= total_mass
-    return resp, (top + total_mass.log()).squeeze(0)
+    top, total = log_joint.new_empty(2, 1, log_joint.shape[-1]).unbind(0)
+    return log_joint, responsibilities_(log_joint, top, total)
 
 
 def _summed(chunks: Iterable, chunk_statistics_of) -> SufficientStatistics:
@@ -91,7 +103,8 @@ def centered_expectation(
         resp, log_norm = _responsibilities(log_joint)
         return centered_statistics(diff, resp, log_norm, kind, params.means)
 
-    return _summed(chunks, of)
+    k = params.means.shape[0]
+    return _summed((piece for x in chunks for piece in _centered_pieces(x, k)), of)
 
 
 def feature_chunks(chunks: Iterable[Tensor], kind: str) -> Iterator[Tensor]:
@@ -112,6 +125,7 @@ class EMRun:
     lower_bounds: list[float] = field(default_factory=list)
     converged: bool = False
     n_iter: int = 0
+    centered_steps: int = 0  # E-steps that took the centered scheme
 
     @property
     def lower_bound(self) -> float:
@@ -130,8 +144,7 @@ def run_em(
     lower_bound: float = -math.inf,
     progress: bool = False,
     description: str = "EM",
-    cache_features: bool = False,
-    centered: bool = False,
+    centered: bool | None = False,
 ) -> EMRun:
     """Full-batch EM from ``params`` until the lower bound changes by less than ``tol``.
 
@@ -149,34 +162,33 @@ def run_em(
         constant_variance: the fixed variance of the ``constant`` family.
         lower_bound: the previous lower bound (warm start), for the first change.
         progress: show a tqdm bar with the lower bound.
-        cache_features: keep the chunks' features from the first pass for the next ones
-            (memory: N * m numbers, m = d(d+3)/2 for full and tied, 2d for diag).
-        centered: use the centered scheme (accurate in float32; see
-            ``inference.em.families``) instead of the feature scheme.
+        centered: True: the centered scheme (``centered_expectation``); False: moments
+            about the origin (``inference.em.estep.EStep``, the fast one); None: at every
+            iteration the fast one where ``origin_is_accurate`` for the parameters (in
+            float64 always, in float32 unless the clusters lie far from the data's mean
+            relative to their widths), else the centered one.
 
     Raises:
         ValueError: if a covariance becomes singular or the likelihood not finite.
     """
     run = EMRun(params)
-    cached = None
+    e_step = EStep(kind)
     bar = tqdm(range(1, max_iter + 1), desc=description, disable=not progress, leave=False)
     for n_iter in bar:
-        if centered:
+        # The same parameters everywhere, so every process picks the same scheme.
+        if centered or (centered is None and not origin_is_accurate(run.params, kind)):
             stats = centered_expectation(chunks(), run.params, kind)
+            run.centered_steps += 1
         else:
-            if cached is not None:
-                features = cached
-            else:
-                features = feature_chunks(chunks(), kind)
-                if cache_features:
-                    features = cached = list(features)
-            stats = expectation(features, run.params, kind)
+            stats = e_step(chunks(), run.params)
         # Every process's statistics: the same M-step and convergence test everywhere.
         stats = all_reduce_sum(stats)
         current = (stats.log_likelihood / stats.count).item()
         if not math.isfinite(current):
             raise ValueError(ILL_DEFINED)
-        run.params = m_step(stats, kind, reg_covar, constant_variance)
+        # float32 E-steps sum in float64: the M-step too, then back to the data's dtype.
+        params = m_step(stats, kind, reg_covar, constant_variance)
+        run.params = params.to(dtype=run.params.means.dtype)
         run.lower_bounds.append(current)
         run.n_iter = n_iter
         bar.set_postfix(lower_bound=f"{current:.5g}")

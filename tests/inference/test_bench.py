@@ -67,6 +67,26 @@ def test_em_bench_runs_and_both_fits_reach_the_same_likelihood(tmp_path):
     assert json.loads(out.read_text()) == rows
 
 
+def test_em_bench_gives_both_dtypes_against_one_sklearn_time_with_their_rates():
+    rows = em.main(
+        ["--sizes", "small", "--num-points", "2000", "--iters", "2", "--peers", "sklearn",
+         "--families", "spherical,tied", "--dtype", "float32,float64", "--threads", "1"]
+    )
+    assert [(r["family"], r["method"], r["dtype"]) for r in rows] == [
+        (family, method, dtype)
+        for family in ("spherical", "tied")
+        for method, dtype in
+        (("pyro-cwm", "float32"), ("pyro-cwm", "float64"), ("sklearn", "float64"))
+    ]
+    for r in rows:
+        assert r["threads"] == 1 and r["scheme"] in ("origin", "sklearn")
+        assert r["rel_loglik_vs_sklearn"] < 1e-6
+        assert r["gflop_per_iter"] > 0 and 0 < r["peak_fraction"] < 2
+        assert r["gflops"] == pytest.approx(r["gflop_per_iter"] * 2 / r["seconds"])
+    ours, sklearn = rows[3], rows[5]  # tied: linear in x, so far fewer flops
+    assert ours["gflop_per_iter"] < sklearn["gflop_per_iter"] / 10
+
+
 def test_flow_gmm_bench_runs_and_writes_its_table_and_samples(tmp_path):
     from inference.bench import flow_gmm
 

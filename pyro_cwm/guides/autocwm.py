@@ -26,6 +26,7 @@ from pyro_cwm.guides.laplace import (
     laplace_scales,
     log_joint_derivatives,
     newton_refine,
+    secant_widths,
 )
 from pyro_cwm.guides.log_joint import (
     is_enumerated,
@@ -106,7 +107,10 @@ class AutoCWM(AutoContinuous):
     start, kept if they reach a mode (Adam's climb stalls in narrow correlated ridges such
     as a regression on uncentered covariates); the maps are then preconditioned by a fixed
     affine map from the Laplace approximation there (``laplace_preconditioner``: its
-    principal axes get unit width, none narrower than ``laplace_floor``), so that Adam's
+    principal axes get unit width, none narrower than ``laplace_floor``, and none wider
+    than the log density allows: an axis along which it falls by more than 2 nats at
+    one width, where the curvature vanishes but the density does not stay flat, is
+    shortened to where it falls by half a nat, see ``secant_widths``), so that Adam's
     steps suit every direction, and each component starts with the diagonal scales of the
     Laplace approximation at its own start (``init_scale`` where the curvature is not
     positive). The maps' parameters then live in the preconditioned coordinates; the
@@ -327,6 +331,8 @@ class AutoCWM(AutoContinuous):
         # floored, since the mass lies far beyond the local curvature.
         floor = 0.0 if self._best_is_mode else self._laplace_floor
         matrix = laplace_preconditioner(-hess[0], floor)
+        with poutine.block():
+            matrix = secant_widths(self._log_joint(args, kwargs), locs[0], matrix, floor)
         return matrix, laplace_scales(-hess, matrix, self._init_scale)
 
     def _log_joint(self, args: tuple, kwargs: dict):

@@ -256,6 +256,19 @@ def test_components_start_in_the_typical_set_of_a_confirmed_mode():
     assert torch.cdist(component_locs(guide), component_locs(guide)).max() > 1.0
 
 
+def test_without_a_mode_components_start_where_the_mass_is_not_in_the_neck():
+    # Neal's funnel (v ~ N(0, 3^2)): its density grows into the neck, where the climbed
+    # starts end (v = -8 for the highest); ranked by Laplace mass they start at v ~ -3..1.
+    target = TARGETS["funnel"]()
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        guide = AutoCWM(target.model, num_components=8)
+        guide()
+        assert not guide._best_is_mode
+        v = component_locs(guide)[:, 0]
+        assert v[0] > -4.0 and v.max() > -1.0, (seed, v)
+
+
 def test_a_mode_with_a_sixth_of_the_mass_still_gets_a_component():
     # 2-D, weights 0.85 / 0.15: the minor mode is 1.7 nats below, inside the typical set.
     for seed in range(3):

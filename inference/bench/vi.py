@@ -224,7 +224,7 @@ def make_guide(
         guides.append(guide)
         guides.append(AutoNormal(poutine.block(model, hide=global_sites)))
         guide = guides
-    if loss is None and enumerated:
+    if loss is None and enumerated and kind != "AutoCWM":
         loss = TraceEnum_ELBO(max_plate_nesting=1)
     return guide, loss
 

@@ -54,6 +54,16 @@ def test_vi_bench_trains_with_fit_svi_defaults_unless_told_otherwise(
         assert all(isinstance(optim, pyro.optim.PyroLRScheduler) for _, _, optim in calls)
 
 
+def test_vi_bench_leaves_autocwm_on_an_enumerated_model_to_fit_svi_default_loss():
+    # fit_svi gives AutoCWM CWMELBO (enumerated sites summed out, path gradient); Pyro's
+    # guides see the discrete sites hidden and need TraceEnum_ELBO.
+    problem = vi.zoo_problem("mixture_enum", 0)
+    _, loss = vi.make_guide("AutoCWM", problem.model, 2, problem, cwm_particles=None)
+    assert loss is None
+    _, loss = vi.make_guide("AutoNormal", problem.model, 2, problem, cwm_particles=None)
+    assert isinstance(loss, pyro.infer.TraceEnum_ELBO)
+
+
 def test_density_bench_runs_and_writes_its_table(tmp_path):
     rows = density.main(
         [

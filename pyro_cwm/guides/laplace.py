@@ -7,6 +7,7 @@ AutoCWM derives from them.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -103,6 +104,71 @@ def laplace_preconditioner(precision: Tensor, floor: float = 0.1) -> Tensor:
         eigenvalues > 0, eigenvalues.clamp(min=tiny).rsqrt().clamp(min=floor), 1.0
     )
     return vectors * stretch
+
+
+def secant_widths(
+    log_joint: LogJoint,
+    u: Tensor,
+    matrix: Tensor,
+    floor: float = 0.0,
+    max_drop: float = 2.0,
+    target_drop: float = 0.5,
+    halvings: int = 40,
+    chunk: int = 4096,
+) -> Tensor:
+    """Shrink the axes (columns) of a Laplace preconditioner where the log density falls
+    much faster than its curvature at u (d,) predicts.
+
+    Along a column a of ``matrix`` (a principal axis, as long as its Laplace width) a
+    Gaussian's log density falls by the symmetric difference ``log p(u) - (log p(u + a) +
+    log p(u - a)) / 2 = 1/2`` nat. Where the curvature at u vanishes but higher orders do
+    not (a ridge whose top is flat to second order, as in the middle of a moon: the
+    density falls as the fourth power), the Laplace width is far too wide, and so are the
+    components started from it: hundreds of widths, and every Adam step in those
+    coordinates moves a location by as much. Where the symmetric difference at a exceeds
+    ``max_drop`` nats, the axis is shrunk by powers of sqrt(2) (up to ``halvings`` times)
+    to the longest length at which it is at most ``target_drop``, but not below ``floor``.
+    The symmetric difference cancels the linear term, so the check also holds away from a
+    mode. Axes along which the density falls more slowly are kept.
+
+    Returns:
+        The preconditioner with its too-wide columns shortened (same shape as ``matrix``).
+    """
+
+    def symmetric_drop(center: Tensor, steps: Tensor) -> Tensor:
+        """``log p(u) - (log p(u + s) + log p(u - s)) / 2`` for steps (m, d) -> (m,);
+        +inf where a value is not finite."""
+        points = torch.cat((u + steps, u - steps))
+        with torch.no_grad(), warnings.catch_warnings(), pyro.validation_enabled(False):
+            warnings.simplefilter("ignore")
+            values = torch.cat([log_joint(part) for part in points.split(chunk)])
+        plus, minus = values.chunk(2)
+        drop = center - 0.5 * (plus + minus)
+        return torch.where(torch.isfinite(drop), drop, torch.full_like(drop, math.inf))
+
+    with torch.no_grad(), warnings.catch_warnings(), pyro.validation_enabled(False):
+        warnings.simplefilter("ignore")
+        center = log_joint(u[None])[0]
+    if not torch.isfinite(center):
+        return matrix
+    axes = matrix.T  # (d, d): one axis per row
+    too_wide = (symmetric_drop(center, axes) > max_drop).nonzero().flatten()
+    if not len(too_wide):
+        return matrix
+    factors = 2.0 ** (-0.5 * torch.arange(1, halvings + 1, dtype=u.dtype, device=u.device))
+    steps = factors[None, :, None] * axes[too_wide, None, :]  # (m, J, d)
+    m, j, d = steps.shape
+    drops = symmetric_drop(center, steps.reshape(m * j, d)).reshape(m, j)
+    fits = drops <= target_drop
+    # The longest length that fits (the shortest tried where none does).
+    first = torch.where(
+        fits.any(-1), fits.float().argmax(-1), torch.full_like(fits[:, 0], j - 1, dtype=torch.long)
+    )
+    lengths = axes[too_wide].norm(dim=-1)
+    scale = torch.maximum(factors[first], floor / lengths.clamp(min=torch.finfo(u.dtype).tiny))
+    matrix = matrix.clone()
+    matrix[:, too_wide] = matrix[:, too_wide] * scale.clamp(max=1.0)
+    return matrix
 
 
 def laplace_scales(precision: Tensor, matrix: Tensor, default: float) -> Tensor:

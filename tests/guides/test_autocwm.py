@@ -14,6 +14,7 @@ from inference import CWMELBO, fit_svi
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA as SIGMA
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_Y as Y
 from pyro_cwm.data.posteriors import eight_schools
+from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.log_joint import unconstrained_log_joint
 from tests.helpers import MAP_KINDS, composite_gauss_legendre, map_kwargs
@@ -76,6 +77,25 @@ def test_rao_blackwellized_gradient_matches_the_exact_gradient():
         assert flat_exact.abs().max() > 0.1  # the check is not vacuous
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("path_gradient", [True, False])
+def test_path_gradient_vanishes_at_the_exact_posterior(path_gradient):
+    # q equals p = N(1, 2^2) exactly: log p - log q is constant, so the path gradient is
+    # zero for every draw; the full gradient keeps the score term (zero only on average).
+    guide = AutoCWM(normal_model, num_components=3, hidden_dims=(8,), laplace=False)
+    guide()
+    guide.cwm.set_gaussian_mixture(torch.ones(3), torch.ones(3, 1), torch.full((3, 1), 2.0))
+    params = list(guide.cwm.maps.parameters())
+    torch.manual_seed(0)
+    elbo = CWMELBO(num_particles=1, path_gradient=path_gradient)
+    loss = elbo.differentiable_loss(normal_model, guide)
+    grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    if path_gradient:
+        assert grads.abs().max() < 1e-5
+    else:
+        assert grads.abs().max() > 1e-2
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)  # the same value either way
 
 
 def test_log_joint_includes_the_jacobian_of_constrained_sites():
@@ -176,10 +196,10 @@ def test_bad_arguments():
         AutoCWM(eight_schools, init_scale=-1.0)
 
 
-def two_mode_model(dim=2):
+def two_mode_model(dim=2, weights=(1.0, 1.0)):
     locs = torch.stack([torch.full((dim,), -3.0), torch.full((dim,), 3.0)])
     target = dist.MixtureSameFamily(
-        dist.Categorical(torch.ones(2)), dist.Normal(locs, 1.0).to_event(1)
+        dist.Categorical(torch.tensor(weights)), dist.Normal(locs, 1.0).to_event(1)
     )
     prior = dist.Normal(0.0, 10.0).expand([dim]).to_event(1)
 
@@ -218,6 +238,42 @@ def test_spread_start_puts_components_on_both_modes():
     for seed in range(3):
         pyro.set_rng_seed(seed)
         guide = AutoCWM(model, num_components=2)
+        guide()
+        signs = component_locs(guide).mean(-1).sign()
+        assert set(signs.tolist()) == {-1.0, 1.0}, seed
+
+
+def test_components_start_in_the_typical_set_of_a_confirmed_mode():
+    # On the banana's ridge, starts up to 20 nats down were chosen farthest apart: 4.6
+    # sds out, too far to travel back before the classifier dropped them.
+    target = TARGETS["banana"]()
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(target.model, num_components=8)
+    guide()
+    assert guide._best_is_mode
+    log_p = target.log_prob(component_locs(guide))
+    assert log_p.max() - log_p.min() <= 1.0 + 2.0 + 1e-3  # d/2 + 2 sqrt(d/2), d = 2
+    assert torch.cdist(component_locs(guide), component_locs(guide)).max() > 1.0
+
+
+def test_without_a_mode_components_start_where_the_mass_is_not_in_the_neck():
+    # Neal's funnel (v ~ N(0, 3^2)): its density grows into the neck, where the climbed
+    # starts end (v = -8 for the highest); ranked by Laplace mass they start at v ~ -3..1.
+    target = TARGETS["funnel"]()
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        guide = AutoCWM(target.model, num_components=8)
+        guide()
+        assert not guide._best_is_mode
+        v = component_locs(guide)[:, 0]
+        assert v[0] > -4.0 and v.max() > -1.0, (seed, v)
+
+
+def test_a_mode_with_a_sixth_of_the_mass_still_gets_a_component():
+    # 2-D, weights 0.85 / 0.15: the minor mode is 1.7 nats below, inside the typical set.
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        guide = AutoCWM(two_mode_model(weights=(0.85, 0.15)), num_components=4)
         guide()
         signs = component_locs(guide).mean(-1).sign()
         assert set(signs.tolist()) == {-1.0, 1.0}, seed

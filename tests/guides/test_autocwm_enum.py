@@ -66,7 +66,7 @@ def test_trace_enum_elbo_and_cwmelbo_agree_on_the_same_draws():
         params = list(guide.cwm.parameters())
         values, grads = [], []
         for elbo in (
-            CWMELBO(num_particles=7),
+            CWMELBO(num_particles=7, path_gradient=False),
             TraceEnum_ELBO(num_particles=7, vectorize_particles=True, max_plate_nesting=1),
         ):
             torch.manual_seed(11)
@@ -98,7 +98,11 @@ def test_enumerated_mixture_covers_both_label_permutations(loss):
         # PSIS sums the enumerated assignments out of the model's density too.
         diagnostic = psis_diagnostic(mixture, guide, data, num_samples=4000)
         assert abs(diagnostic.log_z - quadrature_log_evidence(data)) < 0.02
-        assert diagnostic.k_hat < 0.5
+        # The importance weights are all but constant (KL ~1e-4 with the path gradient),
+        # where PSIS's k-hat is a fit to noise (0.08 to 0.98 over seeds 0-3 for the same
+        # quality of fit): the weights' effective sample size is the check.
+        weights = (diagnostic.log_weights - diagnostic.log_weights.max()).exp()
+        assert weights.sum() ** 2 / (weights**2).sum() > 0.95 * weights.numel()
 
 
 def test_autonormal_holds_one_permutation_for_contrast():

@@ -14,6 +14,7 @@ from pyro_cwm.guides.laplace import (
     laplace_scales,
     log_joint_derivatives,
     newton_refine,
+    secant_widths,
 )
 
 # A kilpisjarvi-like posterior: correlation -0.99999, scales 30 and 0.0075.
@@ -73,6 +74,42 @@ def test_preconditioner_gives_unit_principal_axes_above_the_floor():
     assert torch.equal(
         laplace_scales(-precision[None], matrix, 0.1), torch.full((1, 2), 0.1, dtype=COV.dtype)
     )
+
+
+def quartic_log_joint(u):
+    """A unit Gaussian in u_0 and a ridge flat to second order in u_1 (falls as u_1^4)."""
+    return -0.5 * u[..., 0] ** 2 - u[..., 1] ** 4 - 1e-6 * u[..., 1] ** 2
+
+
+def test_secant_widths_shrink_an_axis_that_is_flat_only_to_second_order():
+    mode = torch.zeros(2, dtype=torch.float64)
+    _, _, hess = log_joint_derivatives(quartic_log_joint, mode[None])
+    matrix = laplace_preconditioner(-hess[0], floor=0.0)
+    assert matrix.norm(dim=0).max() > 500  # the curvature says: 707 wide
+    checked = secant_widths(quartic_log_joint, mode, matrix)
+    widths = checked.abs().max(0).values  # the axes are the coordinate axes
+    lengths = dict(zip(matrix.abs().argmax(0).tolist(), widths.tolist()))
+    assert lengths[0] == pytest.approx(1.0)  # Gaussian: the Laplace width is kept
+    # u_1^4 = 1/2 at 0.84; a Gaussian's sd drops 1/2 nat: within a factor sqrt(2).
+    assert 0.84 / 2**0.5 <= lengths[1] <= 0.84
+    # Never below the floor.
+    floored = secant_widths(quartic_log_joint, mode, matrix, floor=2.0)
+    assert floored.norm(dim=0).min() == pytest.approx(1.0)
+    assert sorted(floored.norm(dim=0).tolist())[1] == pytest.approx(2.0)
+
+
+def test_autocwm_components_start_no_wider_than_a_flat_ridge_allows():
+    def ridge():
+        x = pyro.sample("x", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        pyro.factor("ridge", quartic_log_joint(x) - dist.Normal(0.0, 10.0).log_prob(x).sum(-1))
+
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(ridge, num_components=2)
+    guide()
+    assert guide._best_is_mode
+    draws = guide.get_posterior().sample((4000,))
+    # The curvature alone would give components hundreds of units wide along u_1.
+    assert draws[:, 1].std() < 1.5 and draws[:, 0].std() < 1.5
 
 
 def test_autocwm_starts_at_the_laplace_approximation_of_a_correlated_posterior():

@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pyro
 import pytest
 
 from inference.bench import density, em, vi
@@ -28,6 +29,40 @@ def test_vi_bench_runs_and_writes_its_table(tmp_path):
     assert [r["method"] for r in rows] == ["AutoNormal", "AutoCWM"]
     assert all(math.isfinite(r["elbo"]) and math.isfinite(r["energy"]) for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+@pytest.mark.parametrize("fit_defaults", [True, False])
+def test_vi_bench_trains_with_fit_svi_defaults_unless_told_otherwise(
+    tmp_path, monkeypatch, fit_defaults
+):
+    calls = []
+    original = vi.fit_svi
+
+    def recording(model, guide, *args, **kwargs):
+        calls.append((type(guide).__name__, kwargs["loss"], kwargs["optim"]))
+        return original(model, guide, *args, **kwargs)
+
+    monkeypatch.setattr(vi, "fit_svi", recording)
+    argv = ["--targets", "ring", "--methods", "AutoNormal,AutoCWM", "--steps", "3"]
+    argv += ["--samples", "50", "--components", "2", "--out", str(tmp_path / "vi.json")]
+    vi.main(argv + ([] if fit_defaults else ["--no-fit-defaults"]))
+    assert [name for name, _, _ in calls] == ["AutoNormal", "AutoCWM"]
+    if fit_defaults:  # what a user gets: fit_svi picks the optimizer and the loss
+        assert all(loss is None and optim is None for _, loss, optim in calls)
+    else:
+        assert calls[0][1] is None and isinstance(calls[1][1], vi.CWMELBO)
+        assert calls[1][1].num_particles == 4
+        assert all(isinstance(optim, pyro.optim.PyroLRScheduler) for _, _, optim in calls)
+
+
+def test_vi_bench_leaves_autocwm_on_an_enumerated_model_to_fit_svi_default_loss():
+    # fit_svi gives AutoCWM CWMELBO (enumerated sites summed out, path gradient); Pyro's
+    # guides see the discrete sites hidden and need TraceEnum_ELBO.
+    problem = vi.zoo_problem("mixture_enum", 0)
+    _, loss = vi.make_guide("AutoCWM", problem.model, 2, problem, cwm_particles=None)
+    assert loss is None
+    _, loss = vi.make_guide("AutoNormal", problem.model, 2, problem, cwm_particles=None)
+    assert isinstance(loss, pyro.infer.TraceEnum_ELBO)
 
 
 def test_density_bench_runs_and_writes_its_table(tmp_path):

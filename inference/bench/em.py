@@ -309,6 +309,8 @@ def _size_rows(args, peers, threads, peaks, size) -> list[dict]:
                         continue
                     times.setdefault(cell, []).append(seconds)
                     results[cell] = (loglik, scheme)
+                    # a run stopped at a time limit still shows the cells it finished
+                    print(f"{family} {method} {name}: {seconds:.2f} s", flush=True)
         reference = ("sklearn", "float64")
         base = statistics.median(times[reference]) if reference in times else None
         base_loglik = results.get(reference, (None,))[0]

@@ -88,7 +88,9 @@ class ShardedSubsample(Messenger):
                     f"but each of the {self.size} processes holds only about {rows} of its "
                     f"{fn.size} rows: use subsample_size <= {fn.size // self.size}"
                 )
-            index = start + torch.randperm(rows, generator=self.generator)[: fn.subsample_size]
+            # on the generator's device, also when the model runs under torch.device("cuda")
+            draw = torch.randperm(rows, generator=self.generator, device="cpu")
+            index = start + draw[: fn.subsample_size]
             msg["value"] = index.to(fn.device)
             # A share with more rows than the average weighs more, so that the mean over
             # the processes stays unbiased when N is not a multiple of their number.

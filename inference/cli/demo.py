@@ -2,8 +2,9 @@
 
 Two built-in targets with exact samplers (so the reference is exact and log Z = 0): a ring
 of 8 Gaussians (multimodal, 2-D) and Neal's funnel (10-D). For each target both guides are
-fitted by SVI (AutoCWM with location-scale components on the ring and an autoregressive
-affine flow map on the funnel, unless ``--map`` says otherwise); the command prints an ArviZ
+fitted by SVI (AutoCWM's default maps: its start finds the ring's modes and gives it
+location-scale components, and finds no mode in the funnel's neck and gives it an
+autoregressive affine flow; ``--map`` sets them); the command prints an ArviZ
 summary of each fit and a comparison table (ELBO, IS log Z, KL = log Z - ELBO, PSIS k-hat,
 energy distance to exact draws, time), and writes to ``--out``: the InferenceData of every
 fit (NetCDF), a pair plot of both approximations against the exact draws per target, the
@@ -38,10 +39,6 @@ from pyro_cwm.guides.log_joint import max_plate_nesting
 from pyro_cwm.nn import MAP_CHOICES, map_arguments
 
 DEMO_TARGETS = ("ring", "funnel")
-# AutoCWM's maps per demo target unless --map says otherwise: the ring needs only
-# location-scale components; the funnel's scales depend on v, which an autoregressive
-# affine flow ("maf") can express.
-DEMO_MAPS = {"ring": "location_scale", "funnel": "maf"}
 
 
 def register(subparsers) -> None:
@@ -82,7 +79,7 @@ def fit_guide(
     """
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    map_name = None if name == "AutoNormal" else args.map or "location_scale"
+    map_name = None if name == "AutoNormal" else args.map
     if name == "AutoNormal" and enumerated:
         guide = AutoNormal(poutine.block(model, hide=list(enumerated)))
         loss = TraceEnum_ELBO(
@@ -93,7 +90,8 @@ def fit_guide(
     elif name == "AutoNormal":
         guide, loss = AutoNormal(model), Trace_ELBO(num_particles=4, vectorize_particles=True)
     else:
-        guide = AutoCWM(model, num_components=args.components, **map_arguments(map_name))
+        maps = map_arguments(map_name) if map_name else {}  # none: AutoCWM's map="auto"
+        guide = AutoCWM(model, num_components=args.components, **maps)
         loss = CWMELBO(num_particles=4)
     started = time.perf_counter()
     history = fit_svi(model, guide, *model_args, loss=loss, num_steps=args.steps,
@@ -103,7 +101,8 @@ def fit_guide(
                                  seed=args.seed)
     idata = to_inference_data(model, guide, *model_args, num_samples=args.samples,
                               seed=args.seed)
-    row = {"guide": name, "map": map_name, "elbo": diagnostic.elbo,
+    chosen = guide.map_chosen if isinstance(guide, AutoCWM) else None
+    row = {"guide": name, "map": chosen, "elbo": diagnostic.elbo,
            "is_log_z": diagnostic.log_z, "k_hat": diagnostic.k_hat, "time_s": elapsed}
     return row, idata, history["loss"]
 
@@ -128,8 +127,8 @@ def add_svi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map", choices=MAP_CHOICES, default=None,
                    help="AutoCWM's component maps: location_scale (diagonal), affine (full "
                    "covariance), flow (a spline flow) or maf (an autoregressive affine flow, "
-                   "for funnels; slower). Default: location_scale (demo: location_scale on "
-                   "the ring, maf on the funnel)")
+                   "for funnels; slower). Default: AutoCWM's own choice, location_scale "
+                   "where its start finds a mode, maf where it finds none (a funnel)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam step size (decays 10x "
                    "over the last third of the steps)")
     p.add_argument("--samples", type=int, default=2000,
@@ -193,12 +192,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.device(device):
         for name in names:
             target = TARGETS[name]()
-            target_args = argparse.Namespace(
-                **{**vars(args), "map": args.map or DEMO_MAPS.get(name, "location_scale")}
-            )
             fits = {}
             for guide in ("AutoNormal", "AutoCWM"):
-                row, idata, losses = _fit(target, guide, target_args)
+                row, idata, losses = _fit(target, guide, args)
                 fits[guide] = (row, idata, losses)
                 rows.append(row)
                 idata.to_netcdf(out / f"{name}_{guide}.nc")

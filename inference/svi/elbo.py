@@ -78,6 +78,9 @@ def detached_parameters(posterior: ClassifierWeightedMixture) -> ClassifierWeigh
     )
 
 
+RICH_MAP_PARTICLES = 4
+
+
 class CWMELBO(ELBO):
     """The Rao-Blackwellized ELBO for guides with [`AutoCWM`][pyro_cwm.guides.AutoCWM] parts.
 
@@ -112,7 +115,13 @@ class CWMELBO(ELBO):
     full gradient.)
 
     Args:
-        num_particles: number of draws z per step.
+        num_particles: number of draws z per step. None (default): 1 for location-scale
+            maps, ``RICH_MAP_PARTICLES`` (4) for the richer ones (``affine``, ``flow``,
+            ``maf``; also the autoregressive flow that AutoCWM's ``map="auto"`` picks for
+            a funnel), whose many parameters one draw moves too noisily: on Neal's 10-D
+            funnel with the autoregressive flow and ``fit_svi``'s defaults, KL 0.128 at
+            2,000 steps and 0.068 at 8,000 with one draw, 0.030 and 0.031 with four, for
+            7% more time (the draws are one vectorized call).
         classifier_warmup: number of steps with a constant classifier (0: none).
         path_gradient: use the path derivative above (False: the full reparameterization
             gradient, score term included, as ``TraceEnum_ELBO`` computes it).
@@ -125,11 +134,13 @@ class CWMELBO(ELBO):
 
     def __init__(
         self,
-        num_particles: int = 1,
+        num_particles: int | None = None,
         classifier_warmup: int = 200,
         max_plate_nesting: float = float("inf"),
         path_gradient: bool = True,
     ) -> None:
+        self._particles_by_map = num_particles is None
+        num_particles = 1 if num_particles is None else num_particles
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         if classifier_warmup < 0:
             raise ValueError(f"classifier_warmup must be >= 0, got {classifier_warmup}")
@@ -164,7 +175,10 @@ class CWMELBO(ELBO):
             with poutine.block():
                 guide(*args, **kwargs)
         posterior = guide.get_posterior(*args, **kwargs)
-        images, log_w = posterior.rsample_components((self.num_particles,))
+        particles = self.num_particles
+        if self._particles_by_map and guide.map_chosen != "location_scale":
+            particles = RICH_MAP_PARTICLES
+        images, log_w = posterior.rsample_components((particles,))
         p, k, d = images.shape
         log_q = (detached_parameters(posterior) if self.path_gradient else posterior).log_prob(
             images

@@ -16,6 +16,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import zero_grads
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 from tqdm.auto import tqdm
 
 from inference.em.distributed import all_reduce_sum, is_distributed, rank_and_size
@@ -91,6 +93,7 @@ def _checkpoint_exists(path: str | os.PathLike) -> bool:
 
 
 INITIAL_LR, FINAL_LR = 1e-2, 1e-3
+SUBSAMPLED_AVERAGE_TAIL = 0.25
 
 
 def default_step_size(step: int, num_steps: int) -> float:
@@ -120,6 +123,7 @@ def fit_svi(
     smoothing: float = 0.95,
     min_delta: float = 0.0,
     keep_best: bool = False,
+    average_tail: float | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
@@ -159,6 +163,15 @@ def fit_svi(
             decaying step size the last parameters are the settled ones, while the
             minimum of a noisy smoothed loss is biased low by its noise and can point at
             worse parameters.
+        average_tail: average the parameters over this last fraction of ``num_steps``
+            (Polyak-Ruppert tail averaging, 0 <= average_tail < 1) and end with the
+            average. None (default): ``SUBSAMPLED_AVERAGE_TAIL`` (0.25) where the model
+            draws a minibatch (a plate with ``subsample_size`` below its size), 0
+            otherwise: minibatch noise leaves every iterate a random distance from the
+            optimum and the average of many lies closer (the bench's logistic regression
+            on 20,000 points, 1,000 per step: worst mean error 0.17 -> 0.09 posterior
+            sds), while without it averaging only lags a fit that is still moving. Ignored
+            when ``keep_best`` restores a step or the run stops before the tail begins.
         checkpoint: path of a checkpoint (parameters, the guide's buffers, optimizer state,
             RNG state and history) written every ``checkpoint_every`` steps and at the end
             (before the best parameters are restored); with ``resume``, an existing
@@ -177,7 +190,8 @@ def fit_svi(
     Returns:
         ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool,
         "time_s": seconds, "best_step": step, "best_smoothed_loss": value,
-        "restored_best": bool}``.
+        "restored_best": bool, "averaged_steps": n}`` (the steps whose parameters were
+        averaged; 0 when the last step's are kept).
 
     Raises:
         FloatingPointError: when the loss or a gradient is not finite; the parameters are
@@ -190,6 +204,8 @@ def fit_svi(
     check_positive_int("checkpoint_every", checkpoint_every)
     if not 0 <= smoothing < 1:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if average_tail is not None and not 0 <= average_tail < 1:
+        raise ValueError(f"average_tail must be in [0, 1), got {average_tail}")
     if device is not None:
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
     if loss is None:
@@ -207,8 +223,12 @@ def fit_svi(
         "best_smoothed_loss": math.inf,
         "best_step": 0,
         "restored_best": False,
+        "averaged_steps": 0,
     }
     best_params: dict[str, torch.Tensor] = {}
+    # running mean of the parameters over the tail, and the number of steps in it
+    tail: dict[str, Any] = {"count": 0, "mean": {}}
+    tail_start = num_steps  # set at the first step, when a minibatch would show
     distributed = is_distributed()
     seed = synchronize_seed() if distributed else 0
 
@@ -247,6 +267,7 @@ def fit_svi(
         torch.set_rng_state(state["rng"])
         history = state["history"]
         best_params = state.get("best_params", {})
+        tail = state.get("tail", tail)
         seed = state.get("subsample_seed", seed)
     synchronize_start(guide)
     if hasattr(loss, "step"):
@@ -264,6 +285,7 @@ def fit_svi(
                 "rng": torch.get_rng_state(),
                 "history": history,
                 "best_params": best_params,
+                "tail": tail,
                 "subsample_seed": seed,
             },
         )
@@ -277,11 +299,19 @@ def fit_svi(
         initial=history["steps"],
         total=num_steps,
     )
+    watch = _MinibatchWatch()
     for step in bar:
         if history["stopped_early"]:
             break
-        with poutine.trace(param_only=True) as capture, sharded(step):
+        watching = watch if watch.active else contextlib.nullcontext()
+        with poutine.trace(param_only=True) as capture, sharded(step), watching:
             value = loss.loss_and_grads(model, guide, *args, **kwargs)
+        if watch.active:  # the first step only
+            watch.active = False
+            fraction = average_tail
+            if fraction is None:
+                fraction = SUBSAMPLED_AVERAGE_TAIL if watch.found else 0.0
+            tail_start = num_steps - math.ceil(fraction * num_steps)
         named = parameters_by_name(capture.trace)
         value = average_gradients(named, value)
         params = set(named.values())
@@ -316,6 +346,12 @@ def fit_svi(
                 best_params = _param_values()
         elif patience is not None and step - history["best_step"] >= patience:
             history["stopped_early"] = True
+        if step >= tail_start:
+            tail["count"] += 1
+            with torch.no_grad():
+                for name, param in pyro.get_param_store().named_parameters():
+                    mean = tail["mean"].setdefault(name, param.detach().clone())
+                    mean.add_(param.detach() - mean, alpha=1.0 / tail["count"])
         bar.set_postfix(loss=f"{smoothed:.4g}")
         history["time_s"] = time.perf_counter() - started
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
@@ -325,9 +361,29 @@ def fit_svi(
     if checkpoint is not None:
         save()
     if keep_best and best_params and history["best_step"] != history["steps"] - 1:
-        with torch.no_grad():
-            for name, param in pyro.get_param_store().named_parameters():
-                if name in best_params:
-                    param.copy_(best_params[name])
+        _load_params(best_params)
         history["restored_best"] = True
+    elif tail["count"] > 1:
+        _load_params(tail["mean"])
+    history["averaged_steps"] = tail["count"] if not history["restored_best"] else 0
     return history
+
+
+class _MinibatchWatch(Messenger):
+    """Notes whether a plate draws a minibatch (``subsample_size`` below its size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active, self.found = True, False
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if self.active and isinstance(fn, _Subsample) and fn.subsample_size is not None:
+            self.found |= fn.subsample_size < fn.size
+
+
+def _load_params(values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in pyro.get_param_store().named_parameters():
+            if name in values:
+                param.copy_(values[name])

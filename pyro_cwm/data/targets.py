@@ -45,15 +45,30 @@ class Target:
         pyro.factor("target", self.log_prob(x) - base.log_prob(x))
 
 
-def _mixture_log_prob(x: Tensor, centers: Tensor, scale: float) -> Tensor:
-    components = dist.Normal(centers, scale).to_event(1)
-    weights = torch.full((centers.shape[0],), 1.0 / centers.shape[0])
+def _mixture_log_prob(
+    x: Tensor, centers: Tensor, scale: float | Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Mixture of isotropic Gaussians: ``scale`` one for all or (K,), ``weights`` (K,)."""
+    scales = torch.as_tensor(scale, dtype=centers.dtype).expand(centers.shape[0])
+    components = dist.Normal(centers, scales[:, None]).to_event(1)
+    if weights is None:
+        weights = torch.full((centers.shape[0],), 1.0 / centers.shape[0])
     return dist.MixtureSameFamily(dist.Categorical(weights), components).log_prob(x)
 
 
-def _mixture_sample(num: int, g: torch.Generator, centers: Tensor, scale: float) -> Tensor:
-    k = torch.randint(centers.shape[0], (num,), generator=g)
-    return centers[k] + scale * torch.randn(num, centers.shape[1], generator=g)
+def _mixture_sample(
+    num: int,
+    g: torch.Generator,
+    centers: Tensor,
+    scale: float | Tensor,
+    weights: Tensor | None = None,
+) -> Tensor:
+    scales = torch.as_tensor(scale, dtype=centers.dtype).expand(centers.shape[0])
+    if weights is None:
+        k = torch.randint(centers.shape[0], (num,), generator=g)
+    else:
+        k = torch.multinomial(weights, num, replacement=True, generator=g)
+    return centers[k] + scales[k, None] * torch.randn(num, centers.shape[1], generator=g)
 
 
 def ring(num_modes: int = 8, radius: float = 4.0, scale: float = 0.3) -> Target:
@@ -69,16 +84,31 @@ def ring(num_modes: int = 8, radius: float = 4.0, scale: float = 0.3) -> Target:
     )
 
 
-def two_gaussians(dim: int = 10, offset: float = 3.0) -> Target:
-    """Equal mixture of N(-offset 1, I) and N(offset 1, I) in ``dim`` dimensions."""
+def two_gaussians(
+    dim: int = 10,
+    offset: float = 3.0,
+    weights: tuple[float, float] = (0.5, 0.5),
+    scales: tuple[float, float] = (1.0, 1.0),
+) -> Target:
+    """Mixture of N(-offset 1, scales[0]^2 I) and N(offset 1, scales[1]^2 I) in ``dim``
+    dimensions with ``weights`` (equal by default)."""
     centers = torch.stack((torch.full((dim,), -offset), torch.full((dim,), offset)))
+    w, sd = torch.tensor(weights), torch.tensor(scales)
+    equal = weights == (0.5, 0.5) and scales == (1.0, 1.0)
     return Target(
-        f"two-gaussians-{dim}d",
+        f"two-gaussians-{dim}d" if equal else f"two-gaussians-unequal-{dim}d",
         dim,
-        lambda x: _mixture_log_prob(x, centers, 1.0),
-        lambda n, g: _mixture_sample(n, g, centers, 1.0),
+        lambda x: _mixture_log_prob(x, centers, sd, w),
+        lambda n, g: _mixture_sample(n, g, centers, sd, w),
         modes=centers,
+        mode_weights=w,
     )
+
+
+def two_unequal_gaussians() -> Target:
+    """Two isotropic Gaussians in 10-D with weights 0.7 / 0.3 and scales 1 / 0.71 (issue
+    12's third case: each mode with its own share and width)."""
+    return two_gaussians(10, 3.0, weights=(0.7, 0.3), scales=(1.0, 0.71))
 
 
 def banana(curvature: float = 0.5, scale: float = 2.0) -> Target:
@@ -161,4 +191,5 @@ TARGETS: dict[str, Callable[[], Target]] = {
     "banana": banana,
     "funnel": funnel,
     "two-gaussians": two_gaussians,
+    "two-gaussians-unequal": two_unequal_gaussians,
 }

@@ -130,8 +130,13 @@ class LocationScaleMaps(ComponentMaps):
 class AffineMaps(ComponentMaps):
     """Full affine maps ``T_k(z) = loc_k + L_k z`` with ``L_k`` lower triangular.
 
-    The diagonal of ``L_k`` is ``exp`` of a free parameter (so ``L_k`` is invertible); the
-    push-forward of N(0, I) is N(loc_k, L_k L_k^T): a full-covariance component.
+    ``L_k = D_k (I + N_k)``: ``D_k`` diagonal with ``exp`` of a free parameter (so ``L_k``
+    is invertible) and ``N_k`` strictly lower triangular, free. The push-forward of N(0, I)
+    is N(loc_k, L_k L_k^T): a full-covariance component. Each row's correlation part is in
+    units of that coordinate's own scale, so a step on ``N_k`` means the same whatever the
+    component's widths: with free entries of ``L_k`` instead, a component 1e-4 wide in one
+    coordinate made a step of 0.01 on an off-diagonal entry 100 of its widths, and ``L_k``
+    ill-conditioned enough (condition 1e14 after 5 steps) to break its inverse.
     """
 
     def __init__(
@@ -145,30 +150,39 @@ class AffineMaps(ComponentMaps):
         self.register_buffer("_tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
         self._init_params(2 * dim + self._tril.shape[1], hidden_dims)
 
-    def loc_log_diag_tril(self, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Locations (..., K, d), log-diagonal (..., K, d) and scale matrices (..., K, d, d)."""
+    def _factors(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Locations (..., K, d), log-diagonal of D (..., K, d) and I + N (..., K, d, d)."""
         d = self.dim
         theta = self.params(context)
         loc, log_diag, off = theta[..., :d], theta[..., d : 2 * d], theta[..., 2 * d :]
-        scale_tril = torch.diag_embed(log_diag.exp())
+        unit = torch.eye(d, dtype=theta.dtype, device=theta.device).expand(
+            *theta.shape[:-1], d, d
+        )
         if off.shape[-1]:
-            strict = scale_tril.new_zeros(scale_tril.shape)
+            strict = theta.new_zeros(unit.shape)
             strict[..., self._tril[0], self._tril[1]] = off
-            scale_tril = scale_tril + strict
-        return loc, log_diag, scale_tril
+            unit = unit + strict
+        return loc, log_diag, unit
+
+    def loc_log_diag_tril(self, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Locations (..., K, d), log-diagonal (..., K, d) and scale matrices (..., K, d, d)."""
+        loc, log_diag, unit = self._factors(context)
+        return loc, log_diag, log_diag.exp().unsqueeze(-1) * unit
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
-        loc, _, scale_tril = self.loc_log_diag_tril(context)
-        return loc + (scale_tril @ z.unsqueeze(-2).unsqueeze(-1)).squeeze(-1)
+        loc, log_diag, unit = self._factors(context)
+        correlated = (unit @ z.unsqueeze(-2).unsqueeze(-1)).squeeze(-1)
+        return loc + log_diag.exp() * correlated
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        loc, log_diag, scale_tril = self.loc_log_diag_tril(context)
-        diff = (x.unsqueeze(-2) - loc).unsqueeze(-1)
-        shape = torch.broadcast_shapes(diff.shape[:-2], scale_tril.shape[:-2])
+        loc, log_diag, unit = self._factors(context)
+        scaled = ((x.unsqueeze(-2) - loc) * (-log_diag).exp()).unsqueeze(-1)
+        shape = torch.broadcast_shapes(scaled.shape[:-2], unit.shape[:-2])
         z = torch.linalg.solve_triangular(
-            scale_tril.expand(*shape, self.dim, self.dim),
-            diff.expand(*shape, self.dim, 1),
+            unit.expand(*shape, self.dim, self.dim),
+            scaled.expand(*shape, self.dim, 1),
             upper=False,
+            unitriangular=True,
         ).squeeze(-1)
         return z, (-log_diag.sum(-1)).expand(z.shape[:-1])
 

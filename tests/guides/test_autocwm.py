@@ -194,6 +194,8 @@ def test_bad_arguments():
         AutoCWM(eight_schools, num_components=0)
     with pytest.raises(ValueError, match="init_scale"):
         AutoCWM(eight_schools, init_scale=-1.0)
+    with pytest.raises(ValueError, match="map_options"):
+        AutoCWM(eight_schools, map_options={"flow": "maf"})
 
 
 def two_mode_model(dim=2, weights=(1.0, 1.0)):
@@ -250,7 +252,7 @@ def test_components_start_in_the_typical_set_of_a_confirmed_mode():
     pyro.set_rng_seed(0)
     guide = AutoCWM(target.model, num_components=8)
     guide()
-    assert guide._best_is_mode
+    assert guide._best_is_mode and guide.map_chosen == "location_scale"
     log_p = target.log_prob(component_locs(guide))
     assert log_p.max() - log_p.min() <= 1.0 + 2.0 + 1e-3  # d/2 + 2 sqrt(d/2), d = 2
     assert torch.cdist(component_locs(guide), component_locs(guide)).max() > 1.0
@@ -264,7 +266,8 @@ def test_without_a_mode_components_start_where_the_mass_is_not_in_the_neck():
         pyro.set_rng_seed(seed)
         guide = AutoCWM(target.model, num_components=8)
         guide()
-        assert not guide._best_is_mode
+        # no mode: map="auto" gives the components the autoregressive flow
+        assert not guide._best_is_mode and guide.map_chosen == "maf"
         v = component_locs(guide)[:, 0]
         assert v[0] > -4.0 and v.max() > -1.0, (seed, v)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from inference import CWMELBO, fit_svi
+from pyro_cwm.data.posteriors import tight_regression
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.laplace import (
     laplace_preconditioner,
@@ -172,27 +173,10 @@ def test_newton_converges_in_float32_where_the_log_density_is_large():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_autocwm_with_defaults_settles_on_a_tight_regression(dtype):
     """Posterior sds 1e-3 of the prior's: means within 0.2 sd, sds within 20%, at 2000 steps."""
-    generator = torch.Generator().manual_seed(0)
-    n, sigma = 10_000, 0.1
-    x = torch.randn(n, 3, generator=generator, dtype=torch.float64) + torch.tensor(
-        [2.0, -1.0, 0.5], dtype=torch.float64
-    )
-    y = x @ torch.tensor([1.0, -2.0, 0.5]).double() + 1.0
-    y = y + sigma * torch.randn(n, generator=generator, dtype=torch.float64)
-    design = torch.cat([torch.ones(n, 1, dtype=torch.float64), x], 1)
-    covariance = torch.linalg.inv(torch.eye(4).double() + design.T @ design / sigma**2)
-    mean = covariance @ design.T @ y / sigma**2
-    sd = covariance.diagonal().sqrt()
-
-    def model(x, y):
-        intercept = pyro.sample("intercept", dist.Normal(torch.tensor(0.0, dtype=dtype), 1.0))
-        beta = pyro.sample("beta", dist.Normal(torch.zeros(3, dtype=dtype), 1.0).to_event(1))
-        with pyro.plate("data", len(y)):
-            pyro.sample("y", dist.Normal(intercept + (x * beta).sum(-1), sigma), obs=y)
-
+    model, (x, y), mean, sd = tight_regression(dtype)
     pyro.set_rng_seed(0)
     guide = AutoCWM(model)
-    fit_svi(model, guide, x.to(dtype), y.to(dtype), num_steps=2000, progress=False)
+    fit_svi(model, guide, x, y, num_steps=2000, progress=False)
     torch.manual_seed(1)
     draws = guide.get_posterior().sample((20_000,)).double()
     assert ((draws.mean(0) - mean) / sd).abs().max() < 0.2

@@ -7,7 +7,7 @@ import numpy as np
 import pyro
 import pytest
 
-from inference.bench import density, em, vi
+from inference.bench import density, em, settle, vi
 
 
 def test_vi_bench_runs_and_writes_its_table(tmp_path):
@@ -53,6 +53,21 @@ def test_vi_bench_trains_with_fit_svi_defaults_unless_told_otherwise(
         assert calls[0][1] is None and isinstance(calls[1][1], vi.CWMELBO)
         assert calls[1][1].num_particles == 4
         assert all(isinstance(optim, pyro.optim.PyroLRScheduler) for _, _, optim in calls)
+
+
+def test_settle_bench_gives_each_target_at_each_length_with_its_map(tmp_path):
+    out = tmp_path / "settle.json"
+    argv = ["--targets", "funnel,tight-float64", "--steps", "3,6", "--samples", "60"]
+    rows = settle.main(argv + ["--components", "2", "--out", str(out)])
+    assert [(r["target"], r["steps"]) for r in rows] == [
+        ("funnel", 3), ("funnel", 6), ("tight-float64", 3), ("tight-float64", 6)
+    ]
+    assert {r["map"] for r in rows if r["target"] == "funnel"} == {"maf"}
+    assert all(math.isfinite(r["kl"]) for r in rows[:2])
+    assert all(math.isfinite(r["mean_err"]) and r["sd_min"] <= r["sd_max"] for r in rows[2:])
+    assert json.loads(out.read_text())["rows"] == rows
+    with pytest.raises(SystemExit):
+        settle.main(["--targets", "nope"])
 
 
 def test_vi_bench_leaves_autocwm_on_an_enumerated_model_to_fit_svi_default_loss():

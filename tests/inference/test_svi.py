@@ -6,6 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import AutoNormal
 
 from inference import CWMELBO, fit_svi
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA as SIGMA
@@ -184,6 +185,46 @@ def test_bad_options():
         fit_svi(gaussian_model, AutoCWM(gaussian_model), torch.zeros(3), num_steps=0)
     with pytest.raises(ValueError, match="smoothing"):
         fit_svi(gaussian_model, AutoCWM(gaussian_model), torch.zeros(3), smoothing=1.0)
+    with pytest.raises(ValueError, match="average_tail"):
+        fit_svi(gaussian_model, AutoCWM(gaussian_model), torch.zeros(3), average_tail=1.0)
+
+
+def test_tail_averaging_ends_with_the_mean_of_the_last_iterates():
+    # With a constant step the first n steps of a run are a run of n steps: the average of
+    # the last 5 of 10 steps is the mean of the ends of runs of 6..10 steps.
+    y = torch.randn(20) + 1.0
+
+    def run(num_steps, **options):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoCWM(gaussian_model, num_components=2)
+        optim = pyro.optim.Adam({"lr": 0.05})
+        history = fit_svi(
+            gaussian_model, guide, y, num_steps=num_steps, optim=optim, progress=False, **options
+        )
+        params = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+        return history, params
+
+    ends = [run(n)[1] for n in range(6, 11)]
+    history, averaged = run(10, average_tail=0.5)
+    assert history["averaged_steps"] == 5
+    for name, value in averaged.items():
+        expected = torch.stack([end[name] for end in ends]).mean(0)
+        assert torch.allclose(value, expected, atol=1e-6), name
+
+
+def test_tail_averaging_by_default_only_with_a_minibatch():
+    def model(y, subsample_size=None):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", y.shape[0], subsample_size=subsample_size) as index:
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y[index])
+
+    y = torch.randn(100)
+    for subsample_size, averaged in ((None, 0), (100, 0), (10, 10)):
+        pyro.clear_param_store()
+        guide = AutoNormal(model)
+        history = fit_svi(model, guide, y, subsample_size, num_steps=40, progress=False)
+        assert history["averaged_steps"] == averaged, subsample_size
 
 
 @pytest.mark.cuda

@@ -6,7 +6,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoNormal
 
 from inference import CWMELBO, fit_svi
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA as SIGMA
@@ -211,20 +210,6 @@ def test_tail_averaging_ends_with_the_mean_of_the_last_iterates():
     for name, value in averaged.items():
         expected = torch.stack([end[name] for end in ends]).mean(0)
         assert torch.allclose(value, expected, atol=1e-6), name
-
-
-def test_tail_averaging_by_default_only_with_a_minibatch():
-    def model(y, subsample_size=None):
-        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
-        with pyro.plate("data", y.shape[0], subsample_size=subsample_size) as index:
-            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y[index])
-
-    y = torch.randn(100)
-    for subsample_size, averaged in ((None, 0), (100, 0), (10, 10)):
-        pyro.clear_param_store()
-        guide = AutoNormal(model)
-        history = fit_svi(model, guide, y, subsample_size, num_steps=40, progress=False)
-        assert history["averaged_steps"] == averaged, subsample_size
 
 
 @pytest.mark.cuda

@@ -79,7 +79,9 @@ def make_case(name: str):
     if name == "autonormal":
         return logistic, logistic_data(), AutoNormal(logistic), pyro.infer.Trace_ELBO()
     if name == "autocwm":
-        guide = AutoCWM(logistic, num_components=2)
+        # The maps pinned: map="auto" decides from the start's Newton steps, which see a
+        # minibatch in the workers and all the data in the one-process reference.
+        guide = AutoCWM(logistic, num_components=2, map="location_scale")
         return logistic, logistic_data(), guide, CWMELBO(num_particles=4)
     if name == "guide-list":
         guide = AutoGuideList(hierarchical)
@@ -171,6 +173,13 @@ def main() -> None:
         )
         out["written"] = {"loss": history["loss"]}
         out["errors"] = run_errors(directory, rank)
+        # map="auto" decides from the start: seeded apart, the processes still decide alike
+        # (fit_svi reseeds them from rank 0 before the guide sets itself up).
+        pyro.clear_param_store()
+        pyro.set_rng_seed(rank)
+        auto = AutoCWM(logistic, num_components=2)
+        fit_svi(logistic, auto, *logistic_data(), FIT_BATCH, num_steps=2, progress=False)
+        out["map_chosen"] = auto.map_chosen
         torch.save(out, directory / f"rank{rank}.pt")
 
 

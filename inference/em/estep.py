@@ -60,9 +60,9 @@ from inference.em.families import (
     _pack_upper,
     feature_weights,
     feature_width,
+    joint_log_probs,
     second_order_features,
 )
-from pyro_cwm.distributions.gaussian_mixture import log_det_precision_factor
 
 # eps * (kappa + d) below this: the moments about the origin lose about 1e-5 nats
 # per log-density (see the module documentation above).
@@ -238,7 +238,7 @@ class EStep:
 def origin_log_joint(x: Tensor, params: GaussianMixtureParameters, kind: str) -> Tensor:
     """``log pi_k + log N(x_n; mu_k, Sigma_k)`` (K, n) by the moments about the origin."""
     if kind != "tied":
-        return feature_weights(params, kind) @ second_order_features(x, kind).T
+        return joint_log_probs(second_order_features(x, kind), params, kind)
     weights, const = _tied_weights(params)
     whitened = x @ params.precisions_cholesky
     log_joint = torch.addmm(const, weights, x.T)
@@ -254,20 +254,12 @@ def _add_product(accumulator: Tensor, a: Tensor, b: Tensor, buffer: Tensor) -> N
 
 
 def _tied_weights(params: GaussianMixtureParameters) -> tuple[Tensor, Tensor]:
-    """Weights ``L mu_k`` (K, d) and constants (K, 1) of the tied family's log-densities.
-
-    ``log pi_k + log N(x; mu_k, Sigma) = x'L mu_k + const_k - x'Lx / 2`` with the precision
-    ``L = P P'`` and ``const_k = log pi_k + log|det P| - (d log 2 pi + mu_k'L mu_k) / 2``.
-    """
-    means, factor = params.means, params.precisions_cholesky
-    d = means.shape[-1]
-    whitened = means @ factor  # mu_k' P (K, d)
-    const = (
-        params.weights.log()
-        + log_det_precision_factor(factor, "tied", d)
-        - 0.5 * (d * math.log(2 * math.pi) + whitened.square().sum(-1))
-    )
-    return whitened @ factor.mT, const.unsqueeze(-1)
+    """Weights ``L mu_k`` (K, d) and constants (K, 1) of the tied family's log-densities:
+    ``log pi_k + log N(x; mu_k, Sigma) = x'L mu_k + const_k - x'Lx / 2``, the linear and
+    constant columns of ``feature_weights`` (its shared quadratic part is applied once per
+    point instead, as ``|xP|^2``)."""
+    weights = feature_weights(params, "tied")
+    return weights[:, : params.means.shape[-1]], weights[:, -1:]
 
 
 __all__ = [

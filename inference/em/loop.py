@@ -41,16 +41,17 @@ def weighted_log_probs(
     return origin_log_joint(x, params, kind).T
 
 
-# On a CPU the centered scheme's differences (K, rows, d) take about this many numbers.
-CENTERED_NUMBERS = 2**19
+# The centered scheme's differences (K, rows, d) take about this many numbers: cache-sized
+# on a CPU, a few hundred MB on a GPU (chunks are sized for the faster origin scheme, whose
+# buffers hold no K x d factor).
+CENTERED_NUMBERS = {"cpu": 2**19, "cuda": 2**26}
 
 
 def _centered_pieces(x: Tensor, num_components: int) -> tuple[Tensor, ...]:
-    """``x`` (n, d) in row pieces whose differences to the K means stay cache-sized on a
-    CPU (chunks are sized for the faster scheme); one piece elsewhere."""
-    if x.device.type != "cpu":
-        return (x,)
-    return torch.split(x, max(64, CENTERED_NUMBERS // (num_components * (x.shape[1] + 1))))
+    """``x`` (n, d) in row pieces whose differences to the K means fit the budget of its
+    device (``CENTERED_NUMBERS``)."""
+    budget = CENTERED_NUMBERS.get(x.device.type, CENTERED_NUMBERS["cuda"])
+    return torch.split(x, max(64, budget // (num_components * (x.shape[1] + 1))))
 
 
 def _responsibilities(log_joint: Tensor) -> tuple[Tensor, Tensor]:

@@ -246,6 +246,10 @@ class PerSampleDirichletGate(Gate):
         key = prefix + "concentration"
         if key in state_dict and state_dict[key].shape != self.concentration.shape:
             self.concentration = torch.empty_like(state_dict[key])
+        if key in state_dict and prefix + "mean_weights" not in state_dict:
+            # saved before the averaged weights were kept: their average over these points
+            a = state_dict[key]
+            state_dict[prefix + "mean_weights"] = (a / a.sum(-1, keepdim=True)).mean(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def initialize(self, X: Tensor) -> None:

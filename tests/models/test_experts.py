@@ -148,6 +148,18 @@ def test_per_sample_gate_knows_only_its_training_points():
         gate.expected_log_weights(torch.zeros(4, 1))
 
 
+def test_per_sample_gate_loads_a_state_saved_without_its_mean_weights():
+    # Older state dicts hold the concentrations only: the predicted weights are their
+    # average posterior mean, computed by hand here.
+    concentration = torch.tensor([[1.0, 3.0], [2.0, 2.0], [5.0, 1.0]])
+    gate = PerSampleDirichletGate(2)
+    gate.load_state_dict(
+        {"prior_concentration": torch.full((2,), 0.5), "concentration": concentration}
+    )
+    expected = torch.tensor([(0.25 + 0.5 + 5 / 6) / 3, (0.75 + 0.5 + 1 / 6) / 3])
+    torch.testing.assert_close(gate(torch.zeros(4, 1))[0], expected)
+
+
 def test_pull_prior_means_solves_its_stationarity_conditions():
     experts = _experts(3, 2, np.zeros(2), _spd(2, 9), 1.0)
     experts.post_mean.copy_(torch.tensor([[1.0, 2.0], [-1.0, 0.5], [3.0, -2.0]], dtype=D64))

@@ -88,7 +88,9 @@ def fit_density(
         validation: fraction of the data held out to measure the held-out NLL, used for
             early stopping and to keep the best parameters (0 disables both).
         validation_data: ``(data,)`` or ``(data, context)`` held out instead of a fraction.
-        patience: stop after this many epochs without a better held-out NLL (None: never).
+        patience: stop when this many epochs (>= 1) have passed since the trained epoch
+            with the best held-out NLL (None: never). Counted from the best trained epoch,
+            not from the start, which stays a candidate for the kept parameters.
         em_pretraining: start from a diagonal Gaussian mixture fitted by EM on the training
             data (see [`em_pretrain`][inference.em_pretrain]), unless resuming. The default
             does so for models that support it (those with ``set_gaussian_mixture``).
@@ -116,7 +118,8 @@ def fit_density(
     Returns:
         The history: ``train_nll`` and ``val_nll`` per epoch (mean NLL per point),
         ``best_epoch`` (0-based; -1 when no epoch improved on the starting parameters),
-        ``best_val_nll``, ``start_val_nll`` (the held-out NLL before the first epoch),
+        ``best_val_nll``, ``start_val_nll`` (the held-out NLL before the first epoch;
+        only with held-out data),
         ``stopped_early``, ``epochs``, ``em_log_likelihood`` (empty if no EM) and
         ``time_s``. With held-out data the model ends with the parameters of the best
         epoch, or of the start (after EM pretraining) if no epoch beat it.
@@ -147,6 +150,8 @@ def fit_density(
             raise ValueError(f"context has {context.shape[0]} rows but data has {data.shape[0]}")
     check_positive_int("epochs", epochs)
     check_positive_int("batch_size", batch_size)
+    if patience is not None:
+        check_positive_int("patience", patience)
     if not 0 <= validation < 1:
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation}")
     if not lr > 0:

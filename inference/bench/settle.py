@@ -10,8 +10,9 @@ For each target AutoCWM (``--components``, everything else default) is fitted wi
   each dtype: the worst marginal-mean error in exact posterior sds and the range of the
   sd ratios, from 20,000 draws.
 
-The defaults settle when the shortest run is within 0.02 nats (0.05 sd) of the runs four
-times as long, and no longer run ends worse. Prints a table and writes the rows as JSON:
+It prints the figures, not a verdict; issue 12's criterion reads them: the shortest run
+within 0.02 nats (0.05 sd) of the run four times as long, and no longer run worse. Prints
+a table and writes the rows as JSON:
 
     python -m inference.bench.settle
     python -m inference.bench.settle --targets funnel,tight-float32 --steps 2000,8000

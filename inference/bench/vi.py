@@ -75,7 +75,7 @@ from pathlib import Path
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import MCMC, NUTS, Predictive, TraceEnum_ELBO
+from pyro.infer import MCMC, NUTS, Predictive
 from pyro.infer.autoguide import (
     AutoGuideList,
     AutoIAFNormal,
@@ -198,9 +198,9 @@ def make_guide(
     With ``problem.global_sites`` (local latents in a subsampled plate) the guide is an
     ``AutoGuideList``: the method on the global sites, ``AutoNormal`` on the local ones.
     With enumerated sites (``config_enumerate``) Pyro's guides see the model with its
-    discrete sites hidden (exposing the compared sites, as Pyro's enumeration tutorial does)
-    and train with
-    ``TraceEnum_ELBO``; AutoCWM takes the model as it is (it sums them out itself).
+    discrete sites hidden (exposing the compared sites, as Pyro's enumeration tutorial
+    does), and ``fit_svi``'s default loss for them is ``TraceEnum_ELBO``; AutoCWM takes the
+    model as it is (it sums them out itself).
     """
     global_sites = problem.global_sites if problem is not None else None
     enumerated = problem is not None and bool(enumerated_sites(model, *problem.args))
@@ -215,8 +215,7 @@ def make_guide(
     elif name == "AutoIAFNormal":
         guide, loss = AutoIAFNormal(target, num_transforms=2), None
     elif kind == "AutoCWM":
-        maps = map_arguments(map_name) if map_name else {}  # none: AutoCWM's map="auto"
-        guide = AutoCWM(target, num_components=components, **maps)
+        guide = AutoCWM(target, num_components=components, **map_arguments(map_name or None))
         loss = None if cwm_particles is None else CWMELBO(num_particles=cwm_particles)
     else:
         raise ValueError(f"unknown method {name!r}")
@@ -225,8 +224,6 @@ def make_guide(
         guides.append(guide)
         guides.append(AutoNormal(poutine.block(model, hide=global_sites)))
         guide = guides
-    if loss is None and enumerated and kind != "AutoCWM":
-        loss = TraceEnum_ELBO(max_plate_nesting=1)
     return guide, loss
 
 

@@ -90,8 +90,7 @@ def fit_guide(
     elif name == "AutoNormal":
         guide, loss = AutoNormal(model), Trace_ELBO(num_particles=4, vectorize_particles=True)
     else:
-        maps = map_arguments(map_name) if map_name else {}  # none: AutoCWM's map="auto"
-        guide = AutoCWM(model, num_components=args.components, **maps)
+        guide = AutoCWM(model, num_components=args.components, **map_arguments(map_name))
         loss = CWMELBO(num_particles=4)
     started = time.perf_counter()
     history = fit_svi(model, guide, *model_args, loss=loss, num_steps=args.steps,

@@ -491,14 +491,14 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         return max(256, budget // (width * dtype.itemsize))
 
     def _centered(self, dtype: torch.dtype) -> bool:
-        """Whether E-steps outside the EM loop (scoring, labels) whiten every difference.
+        """Whether E-steps of the fitted model (scoring, labels) whiten every difference.
 
         In float32 unless the fitted parameters keep the moments about the origin accurate
         (``inference.em.estep.origin_is_accurate``, the EM loop's own rule); never in
         float64. See inference.em.estep.
         """
-        if dtype != torch.float32 or not self.__sklearn_is_fitted__():
-            return dtype == torch.float32
+        if dtype != torch.float32:
+            return False
         params = self._params.shifted(self._shift)
         return not origin_is_accurate(params, self.covariance_type)
 

@@ -14,7 +14,7 @@ import pyro
 import pyro.optim
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
@@ -29,6 +29,7 @@ from inference.svi.data_parallel import (
     synchronize_start,
 )
 from inference.svi.elbo import CWMELBO, cwm_guides
+from pyro_cwm.guides.log_joint import enumerated_sites, max_plate_nesting
 from pyro_cwm.nn.checks import check_positive_int
 
 
@@ -54,6 +55,18 @@ def _placed(model, device: torch.device):
             return model(*args, **kwargs)
 
     return placed_model
+
+
+def _default_loss(model, guide, args: tuple, kwargs: dict):
+    """CWMELBO for a guide with AutoCWM parts; for another guide, TraceEnum_ELBO where the
+    model has sites marked for enumeration (``config_enumerate``: summed out, not guided),
+    Trace_ELBO otherwise."""
+    if cwm_guides(guide):
+        return CWMELBO()
+    if enumerated_sites(model, *args, **kwargs):
+        nesting = max_plate_nesting(model, *args, **kwargs)
+        return TraceEnum_ELBO(max_plate_nesting=nesting)
+    return Trace_ELBO()
 
 
 def _to_device(value, device):
@@ -132,8 +145,10 @@ def fit_svi(
         model (Callable): a Pyro model.
         guide (Callable): its guide (an AutoCWM, any autoguide, or a callable).
         loss (pyro.infer.ELBO | None): the ELBO; default [`CWMELBO`][inference.CWMELBO] for a
-            guide with AutoCWM parts (an AutoCWM, or an ``AutoGuideList`` holding one),
-            ``Trace_ELBO`` otherwise.
+            guide with AutoCWM parts (an AutoCWM, or an ``AutoGuideList`` holding one);
+            for other guides ``TraceEnum_ELBO`` where the model marks sites for
+            enumeration (``config_enumerate``, hidden from the guide), ``Trace_ELBO``
+            otherwise.
         num_steps: maximum number of steps.
         optim: a Pyro optimizer. The default, ``pyro.optim.ClippedAdam`` (gradient norms
             clipped at 10) with the step size of
@@ -207,8 +222,6 @@ def fit_svi(
         raise ValueError(f"average_tail must be in [0, 1), got {average_tail}")
     if device is not None:
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
-    if loss is None:
-        loss = CWMELBO() if cwm_guides(guide) else Trace_ELBO()
     default_optim = optim is None
     if default_optim:
         optim = pyro.optim.ClippedAdam({"lr": INITIAL_LR, "clip_norm": 10.0})
@@ -242,6 +255,8 @@ def fit_svi(
     on_accelerator = data_device is not None and data_device.type != "cpu"
     if on_accelerator:
         model = _placed(model, data_device)
+    if loss is None:
+        loss = _default_loss(model, guide, args, kwargs)
     if resuming or distributed or on_accelerator:
         placed = torch.device(data_device) if on_accelerator else contextlib.nullcontext()
         with sharded(-1), placed:

@@ -283,14 +283,17 @@ MAP_PRESETS: dict[str, tuple[str, dict]] = {"maf": ("flow", {"flow": "maf"})}
 MAP_CHOICES: tuple[str, ...] = (*MAPS, *MAP_PRESETS)
 
 
-def map_arguments(name: str) -> dict:
+def map_arguments(name: str | None) -> dict:
     """``map`` and ``map_options`` keyword arguments of ``CWM``/``AutoCWM`` for a name of
     ``MAP_CHOICES``: a family of ``MAPS`` as it is, or a preset such as ``"maf"`` (the
     flow family with an autoregressive affine flow, ``map_options={"flow": "maf"}``).
+    None gives no arguments: the callee's default (AutoCWM's ``map="auto"``).
 
     Raises:
         ValueError: if ``name`` is not one of ``MAP_CHOICES``.
     """
+    if name is None:
+        return {}
     if name in MAP_PRESETS:
         kind, options = MAP_PRESETS[name]
         return {"map": kind, "map_options": dict(options)}

@@ -173,13 +173,6 @@ def main() -> None:
         )
         out["written"] = {"loss": history["loss"]}
         out["errors"] = run_errors(directory, rank)
-        # map="auto" decides from the start: seeded apart, the processes still decide alike
-        # (fit_svi reseeds them from rank 0 before the guide sets itself up).
-        pyro.clear_param_store()
-        pyro.set_rng_seed(rank)
-        auto = AutoCWM(logistic, num_components=2)
-        fit_svi(logistic, auto, *logistic_data(), FIT_BATCH, num_steps=2, progress=False)
-        out["map_chosen"] = auto.map_chosen
         torch.save(out, directory / f"rank{rank}.pt")
 
 

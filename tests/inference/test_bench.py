@@ -64,20 +64,19 @@ def test_settle_bench_gives_each_target_at_each_length_with_its_map(tmp_path):
     ]
     assert {r["map"] for r in rows if r["target"] == "funnel"} == {"maf"}
     assert all(math.isfinite(r["kl"]) for r in rows[:2])
-    assert all(math.isfinite(r["mean_err"]) and r["sd_min"] <= r["sd_max"] for r in rows[2:])
+    assert all(math.isfinite(r["mean_err"]) and math.isfinite(r["sd_min"]) for r in rows[2:])
     assert json.loads(out.read_text())["rows"] == rows
     with pytest.raises(SystemExit):
         settle.main(["--targets", "nope"])
 
 
-def test_vi_bench_leaves_autocwm_on_an_enumerated_model_to_fit_svi_default_loss():
-    # fit_svi gives AutoCWM CWMELBO (enumerated sites summed out, path gradient); Pyro's
-    # guides see the discrete sites hidden and need TraceEnum_ELBO.
+def test_vi_bench_leaves_every_guide_on_an_enumerated_model_to_fit_svi_default_loss():
+    # fit_svi gives AutoCWM CWMELBO and Pyro's guides (which see the discrete sites
+    # hidden) TraceEnum_ELBO: the bench chooses neither.
     problem = vi.zoo_problem("mixture_enum", 0)
-    _, loss = vi.make_guide("AutoCWM", problem.model, 2, problem, cwm_particles=None)
-    assert loss is None
-    _, loss = vi.make_guide("AutoNormal", problem.model, 2, problem, cwm_particles=None)
-    assert isinstance(loss, pyro.infer.TraceEnum_ELBO)
+    for method in ("AutoCWM", "AutoNormal"):
+        _, loss = vi.make_guide(method, problem.model, 2, problem, cwm_particles=None)
+        assert loss is None, method
 
 
 def test_density_bench_runs_and_writes_its_table(tmp_path):

@@ -166,6 +166,8 @@ class TestBadInput:
             fit_density(CWM(2, 2), torch.randn(50, 2), lr=-1.0, progress=False)
         with pytest.raises(ValueError, match="epochs"):
             fit_density(CWM(2, 2), torch.randn(50, 2), epochs=0, progress=False)
+        with pytest.raises(ValueError, match="patience"):
+            fit_density(CWM(2, 2), torch.randn(50, 2), patience=0, progress=False)
 
 
 @pytest.mark.cuda

@@ -38,6 +38,7 @@ product, and a shortfall it shows is fixed in the defaults, not in the bench.
 
     python -m inference.bench.vi                                   # everything
     python -m inference.bench.vi --targets ring,eight_schools --steps 500
+    python -m inference.bench.vi --targets hierarchical --fit-seeds 0,1,2,3  # fit-seed spread
     python -m inference.bench.vi --step-cost                       # AutoCWM vs AutoNormal step
     python -m inference.bench.vi --step-cost --step-cost-targets eight_schools,linreg100 \
         --device cuda                                              # the same on a GPU
@@ -66,6 +67,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -564,6 +566,13 @@ def main(argv=None) -> list[dict]:
     )
     p.add_argument("--nuts-jit", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fit-seeds",
+        default=None,
+        help="comma-separated seeds of the fits (and of NUTS) on the target drawn with --seed "
+        "(default: --seed alone); with several, the rows are followed by the mean, median "
+        "and worst over them: a minibatch fit ends a random distance from its optimum",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--refpost", type=Path, default=DEFAULT_REFPOST)
     p.add_argument("--out", default=None, help="JSON file (default bench-out/vi.json)")
@@ -602,6 +611,7 @@ def main(argv=None) -> list[dict]:
         if args.out:
             write_report(args, rows, args.out)
         return rows
+    fit_seeds = [args.seed] if args.fit_seeds is None else parse_seeds(p, args.fit_seeds)
     rows = []
     for name in args.targets.split(","):
         if name in TARGETS:
@@ -611,15 +621,20 @@ def main(argv=None) -> list[dict]:
         else:
             problem = posteriordb_problem(name, args.refpost)
         for method in args.methods.split(","):
-            try:
-                if method == "NUTS":
-                    row = run_nuts(problem, args)
-                else:
-                    row = run_vi(problem, method, args)
-            except Exception as error:  # a method that cannot handle this target
-                row = failed_row(problem, method, error)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for fit_seed in fit_seeds:
+                run_args = argparse.Namespace(**{**vars(args), "seed": fit_seed})
+                try:
+                    if method == "NUTS":
+                        row = run_nuts(problem, run_args)
+                    else:
+                        row = run_vi(problem, method, run_args)
+                except Exception as error:  # a method that cannot handle this target
+                    row = failed_row(problem, method, error)
+                if len(fit_seeds) > 1:
+                    row["fit_seed"] = fit_seed
+                    row["note"] = "; ".join(filter(None, [f"fit seed {fit_seed}", row["note"]]))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     if args.fit_defaults:
         training = "fit_svi's defaults (ClippedAdam, default_step_size, default loss)"
     else:
@@ -633,8 +648,39 @@ def main(argv=None) -> list[dict]:
         f"NUTS {args.nuts_warmup}+{args.nuts_samples}, torch threads {torch.get_num_threads()}"
     )
     print(table(rows))
+    if len(fit_seeds) > 1:
+        print(f"\nover fit seeds {args.fit_seeds}:\n{seed_summary(rows)}")
     write_report(args, rows, args.out or "bench-out/vi.json")
     return rows
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """The integers of a comma-separated list, or a parser error naming ``--fit-seeds``."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        parser.error(f"--fit-seeds must be comma-separated integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--fit-seeds has a repeated seed: {text!r}")
+    return seeds
+
+
+def seed_summary(rows: list[dict]) -> str:
+    """Mean, median and worst (largest) energy distance and worst mean error of each
+    (target, method) over its rows (one per fit seed), a line each."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["target"], row["method"]), []).append(row)
+    lines = [f"{'target':18s} {'method':14s} {'n':>3s} " + " ".join(
+        f"{c:>11s}" for c in ("energy mean", "median", "worst", "err mean", "worst")
+    )]
+    for (target, method), group in groups.items():
+        energy, error = ([r[c] for r in group] for c in ("energy", "mean_err"))
+        figures = [statistics.fmean(energy), statistics.median(energy), max(energy)]
+        figures += [statistics.fmean(error), max(error)]
+        values = " ".join(f"{v:11.4f}" for v in figures)
+        lines.append(f"{target:18s} {method:14s} {len(group):3d} {values}")
+    return "\n".join(lines)
 
 
 def write_report(args: argparse.Namespace, rows: list[dict], out: str | Path) -> None:

@@ -11,6 +11,7 @@ from inference import CWMELBO, fit_svi
 from pyro_cwm.data.posteriors import tight_regression
 from pyro_cwm.guides import AutoCWM
 from pyro_cwm.guides.laplace import (
+    laplace_misfit,
     laplace_preconditioner,
     laplace_scales,
     log_joint_derivatives,
@@ -58,6 +59,20 @@ def test_newton_reports_no_mode_where_there_is_none():
         lambda u: u.sum(-1) - 1e-3 * u.pow(2).sum(-1).sqrt(), torch.zeros(1, 2)[0], steps=5
     )
     assert not converged
+
+
+def test_laplace_misfit_is_half_the_variance_of_the_log_ratio():
+    # log p = -x^2 / 2 + a x^3: the Laplace Gaussian at 0 is N(0, 1), the log-ratio is
+    # a x^3 + const, and Var(x^3) = E x^6 = 15 under N(0, 1).
+    a, x0, one = 0.2, torch.zeros(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    torch.manual_seed(0)
+    misfit = laplace_misfit(lambda u: (-0.5 * u**2 + a * u**3).sum(-1), x0, one, 200_000)
+    assert misfit == pytest.approx(0.5 * 15 * a**2, rel=0.06)  # sampling sd 1.5%
+    # An exactly Gaussian log density (correlation -0.99999) has none.
+    precision = torch.linalg.inv(COV)
+    assert laplace_misfit(gaussian_log_joint, MEAN, precision) < 1e-8
+    assert laplace_misfit(gaussian_log_joint, MEAN, -precision) == math.inf
+    assert laplace_misfit(lambda u: u.sum(-1).log(), x0, one) == math.inf  # NaN at x < 0
 
 
 def test_preconditioner_gives_unit_principal_axes_above_the_floor():

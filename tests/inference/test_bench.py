@@ -223,6 +223,23 @@ def test_vi_bench_notes_a_method_that_fails_and_goes_on(tmp_path, monkeypatch):
     assert "failed: RuntimeError" in vi.table(rows)
 
 
+def test_vi_bench_fits_each_seed_on_one_target_and_summarizes_them(tmp_path, capsys):
+    rows = vi.main(
+        ["--targets", "ring", "--methods", "AutoNormal", "--steps", "5", "--samples", "100"]
+        + ["--fit-seeds", "3,4", "--out", str(tmp_path / "vi.json")]
+    )
+    assert [r["fit_seed"] for r in rows] == [3, 4]
+    assert rows[0]["energy"] != rows[1]["energy"]  # two fits, one set of reference draws
+    summary = capsys.readouterr().out.split("over fit seeds 3,4:")[1].splitlines()[2]
+    energy = sorted(r["energy"] for r in rows)
+    expected = [sum(energy) / 2, sum(energy) / 2, energy[1]]
+    assert [float(v) for v in summary.split()[3:6]] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(SystemExit):
+        vi.main(["--targets", "ring", "--fit-seeds", "1,x"])
+    with pytest.raises(SystemExit):
+        vi.main(["--targets", "ring", "--fit-seeds", "1,1"])
+
+
 def test_vi_bench_rejects_unknown_targets_and_methods():
     with pytest.raises(SystemExit):
         vi.main(["--targets", "nope"])

@@ -55,8 +55,8 @@ AUTO_MAF_MAX_DIM = 64
 """Largest latent dimension for which ``map="auto"`` picks the autoregressive flow: drawing
 from it takes one pass per coordinate."""
 AUTO_MAF_MISFIT = 1.0
-"""Laplace misfit (nats, see [`laplace_misfit`][pyro_cwm.guides.laplace.laplace_misfit]) at a
-mode above which ``map="auto"`` picks the autoregressive flow."""
+"""Laplace misfit (nats, see ``pyro_cwm.guides.laplace.laplace_misfit``) at a mode above
+which ``map="auto"`` picks the autoregressive flow."""
 
 
 class _ComponentChoice(dist.Categorical):
@@ -422,8 +422,8 @@ class AutoCWM(AutoContinuous):
         return matrix, laplace_scales(-hess, matrix, self._init_scale)
 
     def _laplace_misfit(self, mode: torch.Tensor, args: tuple, kwargs: dict) -> float:
-        """[`laplace_misfit`][pyro_cwm.guides.laplace.laplace_misfit] at the mode; 0 where
-        the model cannot be evaluated there (the location-scale maps are kept)."""
+        """The Laplace misfit at the mode (``pyro_cwm.guides.laplace.laplace_misfit``); 0
+        where the model cannot be evaluated there (the location-scale maps are kept)."""
         log_joint = self._log_joint(args, kwargs)
         try:
             with poutine.block():

@@ -349,7 +349,9 @@ class AutoCWM(AutoContinuous):
         ).to(device=locs.device, dtype=locs.dtype)
         self.preconditioned_maps = PreconditionedMaps(self.cwm.maps, shift, matrix)
         weights = torch.full((self.num_components,), 1.0 / self.num_components)
-        inner = self._separate(self.preconditioned_maps.to_inner(locs))
+        inner = self.preconditioned_maps.to_inner(locs)
+        if self._best_is_mode:
+            inner = self._separate(inner)
         self.cwm.set_gaussian_mixture(weights, inner, scales)
 
     def _model_start(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
@@ -365,8 +367,9 @@ class AutoCWM(AutoContinuous):
             if not self._best_is_mode:
                 mass = self._laplace_log_mass(starts, log_p, args, kwargs)
                 if mass is not None:
-                    return self._select_starts(starts, mass), use_laplace
-        return self._select_starts(starts, log_p), use_laplace
+                    return self._separate(self._select_starts(starts, mass)), use_laplace
+        locs = self._select_starts(starts, log_p)
+        return (locs if self._best_is_mode else self._separate(locs)), use_laplace
 
     def _laplace_log_mass(
         self, starts: torch.Tensor, log_p: torch.Tensor, args: tuple, kwargs: dict
@@ -520,24 +523,27 @@ class AutoCWM(AutoContinuous):
         for _ in range(1, self.num_components):
             gap = torch.cdist(candidates, candidates[chosen]).min(-1).values
             chosen.append(int(gap.argmax()))
-        # Fewer candidates than components repeat a start; _initialize separates them.
+        # Fewer candidates than components repeat a start: see _separate.
         return candidates[chosen].clone()
 
-    def _separate(self, inner: torch.Tensor) -> torch.Tensor:
-        """Component locations (K, d) in the preconditioned coordinates, each that repeats
-        an earlier one moved by ``init_scale`` times a standard normal draw.
+    def _separate(self, locs: torch.Tensor) -> torch.Tensor:
+        """Component locations (K, d), each that repeats an earlier one moved by
+        ``init_scale`` times a standard normal draw (coinciding components would never
+        separate).
 
-        Coinciding components would never separate. The move is made in the
+        At a mode that Newton's method confirmed, ``_initialize`` passes the
         preconditioned coordinates, where the local posterior widths are about one: in
         the model's coordinates ``init_scale`` can be 1e4 widths of a tightly identified
         direction (gp_pois_regr's GP values: log densities of -1e5 to -1e8 at the moved
-        starts, from which the flow maps diverged within ten steps).
+        starts, from which the flow maps diverged within ten steps). Without a confirmed
+        mode the preconditioner's widths are floored curvatures of a neck, not posterior
+        widths, and the starts are moved in the model's coordinates.
         """
-        inner = inner.clone()
-        for k in range(1, inner.shape[0]):
-            if (torch.cdist(inner[k : k + 1], inner[:k]) < 1e-6).any():
-                inner[k] += self._init_scale * torch.randn_like(inner[k])
-        return inner
+        locs = locs.clone()
+        for k in range(1, locs.shape[0]):
+            if (torch.cdist(locs[k : k + 1], locs[:k]) < 1e-6).any():
+                locs[k] += self._init_scale * torch.randn_like(locs[k])
+        return locs
 
     def sample_latent(self, *args, **kwargs) -> torch.Tensor:
         """Draw the packed latent vector through three auxiliary sites.

@@ -183,7 +183,7 @@ def laplace_scales(precision: Tensor, matrix: Tensor, default: float) -> Tensor:
 
 
 def laplace_misfit(
-    log_joint: LogJoint, mode: Tensor, precision: Tensor, num_draws: int = 256
+    log_joint: LogJoint, mode: Tensor, precision: Tensor, num_draws: int = 256, chunk: int = 64
 ) -> float:
     """How far the log density is from its Laplace approximation at ``mode`` (d,): half
     the variance of ``log p(x) - log N(x; mode, precision^-1)`` over ``num_draws`` draws
@@ -197,6 +197,9 @@ def laplace_misfit(
     draws, heavy-tailed where the misfit is large. Draws use the global torch generator
     (``pyro.set_rng_seed``).
 
+    ``log_joint`` sees at most ``chunk`` draws at a time (a model on much data holds one
+    copy of it per draw).
+
     Returns:
         The misfit; ``math.inf`` where ``precision`` (d, d) is not positive definite or the
         log density is not finite at some draw.
@@ -208,7 +211,7 @@ def laplace_misfit(
     # x = mode + L^-T eps has covariance (L L^T)^-1 = precision^-1.
     x = mode + torch.linalg.solve_triangular(chol.mT, eps.unsqueeze(-1), upper=True).squeeze(-1)
     with torch.no_grad():
-        ratio = log_joint(x) + 0.5 * (eps**2).sum(-1)
+        ratio = torch.cat([log_joint(part) for part in x.split(chunk)]) + 0.5 * (eps**2).sum(-1)
     if not torch.isfinite(ratio).all():
         return math.inf
     return 0.5 * ratio.var().item()

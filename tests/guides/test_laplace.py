@@ -73,6 +73,21 @@ def test_laplace_misfit_is_half_the_variance_of_the_log_ratio():
     assert laplace_misfit(gaussian_log_joint, MEAN, precision) < 1e-8
     assert laplace_misfit(gaussian_log_joint, MEAN, -precision) == math.inf
     assert laplace_misfit(lambda u: u.sum(-1).log(), x0, one) == math.inf  # NaN at x < 0
+    # The draws reach the log density in chunks; the figure does not depend on them.
+    seen = []
+
+    def counting(u):
+        seen.append(u.shape[0])
+        return gaussian_log_joint(u) + 0.1 * u[:, 0] ** 3
+
+    def misfit_in_chunks_of(chunk):
+        torch.manual_seed(1)
+        seen.clear()
+        misfit = laplace_misfit(counting, MEAN, precision, num_draws=256, chunk=chunk)
+        assert max(seen) == chunk and sum(seen) == 256
+        return misfit
+
+    assert misfit_in_chunks_of(10) == pytest.approx(misfit_in_chunks_of(256), rel=1e-12)
 
 
 def test_preconditioner_gives_unit_principal_axes_above_the_floor():

@@ -33,6 +33,7 @@ from pyro_cwm.guides.laplace import (
 from pyro_cwm.guides.log_joint import (
     is_enumerated,
     max_plate_nesting,
+    rowwise,
     structure_trace,
     unconstrained_log_joint,
     with_improper_fallback,
@@ -436,8 +437,14 @@ class AutoCWM(AutoContinuous):
             return 0.0
 
     def _log_joint(self, args: tuple, kwargs: dict):
-        """The model's log joint at packed unconstrained points (n, d) -> (n,)."""
-        return lambda u: unconstrained_log_joint(self._raw_model, self, u, *args, **kwargs)
+        """The model's log joint at packed unconstrained points (n, d) -> (n,); -inf at
+        points where the model raises (see ``rowwise``): the start's climb, Newton's line
+        search and the Laplace draws may reach parameters at which a model's own
+        computation fails (gp_pois_regr's covariance, not positive definite at large
+        amplitudes, made the whole start fall back to ``init_loc_fn``'s point)."""
+        return rowwise(
+            lambda u: unconstrained_log_joint(self._raw_model, self, u, *args, **kwargs)
+        )
 
     def _refine_best(self, starts: torch.Tensor, log_p: torch.Tensor, args: tuple, kwargs: dict):
         """Newton steps from the best start; kept only if they converge to a mode.
@@ -474,13 +481,13 @@ class AutoCWM(AutoContinuous):
 
     def _climb(self, starts: torch.Tensor, args: tuple, kwargs: dict):
         """A few vectorized Adam steps up the model's log density from every start."""
-        model = self._raw_model
+        log_joint = self._log_joint(args, kwargs)
         u = starts.clone().requires_grad_(self._start_steps > 0)
         optimizer = torch.optim.Adam([u], lr=self._start_lr)
         for _ in range(self._start_steps):
             # Hidden from outer handlers; grad on even if the setup runs under no_grad.
             with poutine.block(), torch.enable_grad():
-                log_p = unconstrained_log_joint(model, self, u, *args, **kwargs)
+                log_p = log_joint(u)
                 finite = torch.isfinite(log_p)
                 if not finite.any():
                     break
@@ -490,7 +497,7 @@ class AutoCWM(AutoContinuous):
             u.grad.nan_to_num_(0.0, 0.0, 0.0)
             optimizer.step()
         with poutine.block(), torch.no_grad():
-            return u.detach(), unconstrained_log_joint(model, self, u, *args, **kwargs)
+            return u.detach(), log_joint(u)
 
     def _select_starts(self, starts: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         """K starts far apart among those within ``start_threshold`` nats of the best.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import pyro
 import pyro.poutine as poutine
@@ -177,3 +179,42 @@ def sum_out_enumerated(trace, num: int, nesting: int, particles: str) -> Tensor:
     marginal = contract_to_tensor(factors, enum_dims, target_ordinal=target)
     marginal = marginal.reshape(-1).expand(num) if marginal.numel() == 1 else marginal
     return total + scales.pop() * marginal.reshape(num)
+
+
+def rowwise(log_joint: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``log_joint`` (n, d) -> (n,) that gives -inf at the rows where the model raises.
+
+    A model can raise at some parameter values only (a covariance matrix that is not
+    positive definite at a GP amplitude far out), and then raises for the whole batch it
+    runs on. Where the batch raises, its halves are evaluated, down to single rows; a row
+    that raises alone gets -inf, the others their values (differentiable as before). The
+    first error is raised again where every row raises alone (the model fails everywhere)
+    and where none does (the model fails only on batches: it does not vectorize).
+    """
+
+    def evaluate(u: Tensor, errors: list, batch_errors: list) -> Tensor:
+        try:
+            return log_joint(u)
+        except (RuntimeError, ValueError) as error:
+            if u.shape[0] == 1:
+                errors.append(error)
+                return torch.full((1,), -math.inf, dtype=u.dtype, device=u.device)
+            batch_errors.append(error)
+            half = (u.shape[0] + 1) // 2
+            return torch.cat(
+                [evaluate(u[:half], errors, batch_errors), evaluate(u[half:], errors, batch_errors)]
+            )
+
+    def safe(u: Tensor) -> Tensor:
+        errors: list = []  # one per row that raised alone
+        batch_errors: list = []
+        value = evaluate(u, errors, batch_errors)
+        if errors and len(errors) == u.shape[0]:
+            raise errors[0]
+        if batch_errors and not errors:
+            # Every row runs alone but not together: the model does not vectorize, which
+            # is no property of the points.
+            raise batch_errors[0]
+        return value
+
+    return safe

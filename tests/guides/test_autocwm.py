@@ -1,6 +1,7 @@
 """AutoCWM and the Rao-Blackwellized CWMELBO against quadrature and closed forms."""
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -293,17 +294,23 @@ def test_repeated_starts_move_by_posterior_widths_not_by_init_scale():
 def test_a_funnel_around_a_mode_gets_the_flow_and_every_component_a_good_start():
     # gp_pois_regr: a centered latent GP whose values' widths scale with its amplitude.
     # Newton confirms a mode, and location-scale maps missed alpha by 0.8 posterior sds.
+    # Seed 1: a step of Newton's line search reaches an amplitude at which the model's
+    # covariance is not positive definite; the model raised, and the whole start fell back
+    # to init_loc_fn's point (mean error 3.3 posterior sds after training).
     posterior = load_reference_posterior("gp_pois_regr", REFPOST)
-    pyro.set_rng_seed(0)
-    guide = AutoCWM(posterior.model, num_components=8)
-    guide(*posterior.args)
-    assert guide._best_is_mode and guide.map_chosen == "maf"
-    assert guide.laplace_misfit > AUTO_MAF_MISFIT
-    with torch.no_grad():
-        log_p = unconstrained_log_joint(
-            posterior.model, guide, component_locs(guide), *posterior.args
-        )
-    assert log_p.max() - log_p.min() < 13 / 2 + 2 * math.sqrt(13 / 2)  # the typical set
+    for seed in (0, 1):
+        pyro.set_rng_seed(seed)
+        guide = AutoCWM(posterior.model, num_components=8)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="AutoCWM: the start could not run")
+            guide(*posterior.args)
+        assert guide._best_is_mode and guide.map_chosen == "maf", seed
+        assert guide.laplace_misfit > AUTO_MAF_MISFIT
+        with torch.no_grad():
+            log_p = unconstrained_log_joint(
+                posterior.model, guide, component_locs(guide), *posterior.args
+            )
+        assert log_p.max() - log_p.min() < 13 / 2 + 2 * math.sqrt(13 / 2)  # the typical set
 
 
 def test_without_a_mode_components_start_where_the_mass_is_not_in_the_neck():

@@ -18,6 +18,7 @@ from pyro_cwm.guides.laplace import (
     newton_refine,
     secant_widths,
 )
+from pyro_cwm.guides.log_joint import rowwise
 
 # A kilpisjarvi-like posterior: correlation -0.99999, scales 30 and 0.0075.
 COV = torch.tensor([[900.0, -0.2249991], [-0.2249991, 5.625e-5]], dtype=torch.float64)
@@ -88,6 +89,34 @@ def test_laplace_misfit_is_half_the_variance_of_the_log_ratio():
         return misfit
 
     assert misfit_in_chunks_of(10) == pytest.approx(misfit_in_chunks_of(256), rel=1e-12)
+
+
+def test_rowwise_gives_minus_infinity_where_the_model_raises_and_values_elsewhere():
+    def fragile(u):  # raises for the whole batch if any row has u_0 > 1
+        if (u[:, 0] > 1).any():
+            raise ValueError("covariance not positive definite")
+        return gaussian_log_joint(u)
+
+    u = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.5, 0.1], [3.0, 1.0], [-1.0, 0.0]])
+    u = u.double().requires_grad_(True)
+    log_p = rowwise(fragile)(u)
+    good = torch.tensor([True, False, True, False, True])
+    assert torch.equal(log_p[~good], torch.full((2,), -math.inf, dtype=torch.float64))
+    assert torch.allclose(log_p[good], gaussian_log_joint(u[good]))
+    (grad,) = torch.autograd.grad(log_p[good].sum(), u)
+    assert torch.allclose(grad[good], -(u[good] - MEAN) @ torch.linalg.inv(COV))
+    assert torch.equal(grad[~good], torch.zeros(2, 2, dtype=torch.float64))
+    # Where every row raises, the model's own error comes back.
+    with pytest.raises(ValueError, match="not positive definite"):
+        rowwise(fragile)(u[~good])
+
+    def one_at_a_time(u):  # a model that does not vectorize
+        if u.shape[0] > 1:
+            raise RuntimeError("shape mismatch")
+        return gaussian_log_joint(u)
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        rowwise(one_at_a_time)(u)
 
 
 def test_preconditioner_gives_unit_principal_axes_above_the_floor():

@@ -398,7 +398,7 @@ class AutoCWM(AutoContinuous):
                     positive = (eigenvalues > 0).all(-1) & torch.isfinite(eigenvalues).all(-1)
                     log_det = eigenvalues.clamp(min=torch.finfo(log_p.dtype).tiny).log().sum(-1)
                     mass[index] = torch.where(positive, log_p[index] - 0.5 * log_det, -math.inf)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             return None
         return mass if torch.isfinite(mass).any() else None
 
@@ -408,10 +408,11 @@ class AutoCWM(AutoContinuous):
         Returns ``(matrix, scales)``, or None where the Hessians cannot be computed (a
         model that is not twice differentiable) or are not finite.
         """
+        log_joint = self._log_joint(args, kwargs)
         try:
             with poutine.block():
-                _, _, hess = log_joint_derivatives(self._log_joint(args, kwargs), locs)
-        except RuntimeError:
+                _, _, hess = log_joint_derivatives(log_joint, locs)
+        except (RuntimeError, ValueError):
             return None
         if not torch.isfinite(hess).all():
             return None
@@ -421,20 +422,27 @@ class AutoCWM(AutoContinuous):
         # floored, since the mass lies far beyond the local curvature.
         floor = 0.0 if self._best_is_mode else self._laplace_floor
         matrix = laplace_preconditioner(-hess[0], floor)
-        with poutine.block():
-            matrix = secant_widths(self._log_joint(args, kwargs), locs[0], matrix, floor)
+        try:
+            with poutine.block():
+                matrix = secant_widths(log_joint, locs[0], matrix, floor)
+        except (RuntimeError, ValueError):
+            return None
         return matrix, laplace_scales(-hess, matrix, self._init_scale)
 
     def _laplace_misfit(self, mode: torch.Tensor, args: tuple, kwargs: dict) -> float:
-        """The Laplace misfit at the mode (``pyro_cwm.guides.laplace.laplace_misfit``); 0
-        where the model cannot be evaluated there (the location-scale maps are kept)."""
+        """The Laplace misfit at the mode (``pyro_cwm.guides.laplace.laplace_misfit``): 0
+        where its Hessian cannot be computed (the location-scale maps are kept), inf where
+        the model raises at every draw of the Laplace approximation."""
         log_joint = self._log_joint(args, kwargs)
-        try:
-            with poutine.block():
+        with poutine.block():
+            try:
                 _, _, hess = log_joint_derivatives(log_joint, mode[None])
+            except (RuntimeError, ValueError):
+                return 0.0
+            try:
                 return laplace_misfit(log_joint, mode, -hess[0])
-        except RuntimeError:
-            return 0.0
+            except (RuntimeError, ValueError):
+                return math.inf
 
     def _log_joint(self, args: tuple, kwargs: dict):
         """The model's log joint at packed unconstrained points (n, d) -> (n,); -inf at

@@ -323,10 +323,11 @@ class AutoCWM(AutoContinuous):
         eye = torch.eye(dim, dtype=locs.dtype, device=locs.device)
         shift, matrix = torch.zeros_like(locs[0]), eye
         scales = torch.full_like(locs, self._init_scale)
+        precision = None  # the negative Hessian at the best start
         if use_laplace:
             laplace = self._laplace_start(locs, args, kwargs)
             if laplace is not None:
-                shift, (matrix, scales) = locs[0], laplace
+                shift, (matrix, scales, precision) = locs[0], laplace
         map_name, map_options = self._map, self._map_options
         if map_name == "auto":
             # Newton's method found no mode: the density grows into a neck while the mass
@@ -337,7 +338,7 @@ class AutoCWM(AutoContinuous):
             # typical set, which the Laplace approximation's misfit measures.
             funnel = searched and dim <= AUTO_MAF_MAX_DIM
             if funnel and self._best_is_mode:
-                self.laplace_misfit = self._laplace_misfit(locs[0], args, kwargs)
+                self.laplace_misfit = self._laplace_misfit(locs[0], precision, args, kwargs)
                 funnel = self.laplace_misfit > AUTO_MAF_MISFIT
             map_name, map_options = ("flow", {"flow": "maf"}) if funnel else (LOC_SCALE, None)
         self.map_chosen = "maf" if map_options == {"flow": "maf"} else map_name
@@ -405,7 +406,8 @@ class AutoCWM(AutoContinuous):
     def _laplace_start(self, locs: torch.Tensor, args: tuple, kwargs: dict):
         """The preconditioner and the component scales from the curvature at the starts.
 
-        Returns ``(matrix, scales)``, or None where the Hessians cannot be computed (a
+        Returns ``(matrix, scales, precision)`` (the last: the negative Hessian at the
+        best start, ``locs[0]``), or None where the Hessians cannot be computed (a
         model that is not twice differentiable) or are not finite.
         """
         log_joint = self._log_joint(args, kwargs)
@@ -427,22 +429,22 @@ class AutoCWM(AutoContinuous):
                 matrix = secant_widths(log_joint, locs[0], matrix, floor)
         except (RuntimeError, ValueError):
             return None
-        return matrix, laplace_scales(-hess, matrix, self._init_scale)
+        return matrix, laplace_scales(-hess, matrix, self._init_scale), -hess[0]
 
-    def _laplace_misfit(self, mode: torch.Tensor, args: tuple, kwargs: dict) -> float:
-        """The Laplace misfit at the mode (``pyro_cwm.guides.laplace.laplace_misfit``): 0
-        where its Hessian cannot be computed (the location-scale maps are kept), inf where
-        the model raises at every draw of the Laplace approximation."""
-        log_joint = self._log_joint(args, kwargs)
-        with poutine.block():
-            try:
-                _, _, hess = log_joint_derivatives(log_joint, mode[None])
-            except (RuntimeError, ValueError):
-                return 0.0
-            try:
-                return laplace_misfit(log_joint, mode, -hess[0])
-            except (RuntimeError, ValueError):
-                return math.inf
+    def _laplace_misfit(
+        self, mode: torch.Tensor, precision: torch.Tensor | None, args: tuple, kwargs: dict
+    ) -> float:
+        """The Laplace misfit at the mode (``pyro_cwm.guides.laplace.laplace_misfit``) with
+        the negative Hessian ``precision`` there: 0 where it could not be computed (None;
+        the location-scale maps are kept), inf where the model raises at every draw of
+        the Laplace approximation."""
+        if precision is None:
+            return 0.0
+        try:
+            with poutine.block():
+                return laplace_misfit(self._log_joint(args, kwargs), mode, precision)
+        except (RuntimeError, ValueError):
+            return math.inf
 
     def _log_joint(self, args: tuple, kwargs: dict):
         """The model's log joint at packed unconstrained points (n, d) -> (n,); -inf at

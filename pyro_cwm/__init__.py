@@ -5,7 +5,7 @@
 """
 
 from pyro_cwm.distributions import ClassifierWeightedMixture, GaussianMixture
-from pyro_cwm.nn import CWM
+from pyro_cwm.nn import CWM, CWMEncoder
 
-__all__ = ["CWM", "ClassifierWeightedMixture", "GaussianMixture"]
+__all__ = ["CWM", "CWMEncoder", "ClassifierWeightedMixture", "GaussianMixture"]
 __version__ = "0.1.0"

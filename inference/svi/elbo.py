@@ -17,12 +17,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, TraceEnum_ELBO
 from pyro.infer.enum import get_importance_trace
-from torch import Tensor, nn
-from torch.func import functional_call
+from pyro.poutine.messenger import Messenger
+from torch import Tensor
 
-from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
 from pyro_cwm.guides.autocwm import AutoCWM
 from pyro_cwm.guides.log_joint import unconstrained_log_joint
+from pyro_cwm.guides.rao_blackwell import CWMReparam, detached_parameters, rao_blackwellize
 
 
 def cwm_guides(guide) -> list[AutoCWM]:
@@ -34,102 +34,67 @@ def cwm_guides(guide) -> list[AutoCWM]:
     return []
 
 
-class _Method(nn.Module):
-    """``module.method`` as a module's forward (for ``functional_call``)."""
+class _MatchCWMSites(Messenger):
+    """Checks the model's sites against the event shapes of the guide's CWM sites."""
 
-    def __init__(self, module: nn.Module, method: str) -> None:
+    def __init__(self, reparam: CWMReparam) -> None:
         super().__init__()
-        self.module, self.method = module, method
+        self.reparam = reparam
 
-    def forward(self, *args):
-        return getattr(self.module, self.method)(*args)
-
-
-class _Detached(nn.Module):
-    """A stand-in for a CWM's maps or classifier that evaluates them with their
-    parameters detached: values are unchanged, gradients flow only through the inputs."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self._module = [module]  # not a submodule: nothing to register or move
-        for name in ("dim", "num_components", "context_dim"):
-            if hasattr(module, name):
-                setattr(self, name, getattr(module, name))
-
-    def _call(self, method: str, *args):
-        module = self._module[0]
-        params = {f"module.{n}": p.detach() for n, p in module.named_parameters()}
-        return functional_call(_Method(module, method), params, args)
-
-    def forward(self, *args):
-        return self._call("forward", *args)
-
-    def inverse(self, *args):
-        return self._call("inverse", *args)
-
-
-def detached_parameters(posterior: ClassifierWeightedMixture) -> ClassifierWeightedMixture:
-    """The same CWM with its parameters cut from the graph (for the path gradient)."""
-    return ClassifierWeightedMixture(
-        posterior.reference,
-        _Detached(posterior.maps),
-        _Detached(posterior.classifier),
-        posterior.context,
-    )
+    def _pyro_sample(self, msg) -> None:
+        shape = self.reparam.event_shapes.get(msg["name"])
+        if shape is not None and msg["fn"].event_shape != shape:
+            raise ValueError(
+                f"the guide's CWM at site {msg['name']!r} has event shape {tuple(shape)}, "
+                f"the model's site has {tuple(msg['fn'].event_shape)}: build the CWM with "
+                "dim equal to the size of the model's site (a vector site: "
+                "dist.Normal(...).to_event(1))"
+            )
 
 
 RICH_MAP_PARTICLES = 4
 
 
 class CWMELBO(ELBO):
-    """The Rao-Blackwellized ELBO for guides with [`AutoCWM`][pyro_cwm.guides.AutoCWM] parts.
+    """The Rao-Blackwellized ELBO for guides that hold CWMs.
 
-    Each of ``num_particles`` reparameterized draws z gives all K component images
-    T_k(z); their model and guide log-densities are weighted by the classifier's w_k(z)
+    Each of ``num_particles`` reparameterized draws u gives all K component images
+    T_k(u); their model and guide log-densities are weighted by the classifier's w_k(u)
     and summed, so the gradient reaches the classifier without a score function.
 
-    For a single AutoCWM guide this runs as one vectorized call of the model on the K x
-    ``num_particles`` images (the fast path). Any other guide (an ``AutoGuideList`` of
-    AutoCWM with ``AutoNormal`` or ``AutoDelta`` parts, for local latents in subsampled
-    plates) is trained with Pyro's ``TraceEnum_ELBO`` (vectorized particles), which sums
-    AutoCWM's enumerated component site out: the same estimator. Discrete model sites
-    marked for parallel enumeration (``config_enumerate``) are summed out on both paths.
+    - A single [`AutoCWM`][pyro_cwm.guides.AutoCWM] guide runs as one vectorized call of
+      the model on the K x ``num_particles`` images (the fast path).
+    - Any other guide (one written by hand with ``pyro.sample(name, cwm(context))``
+      sites, inside plates and beside ordinary sites; an ``AutoGuideList`` with AutoCWM
+      parts) runs through [`rao_blackwellize`][pyro_cwm.guides.rao_blackwellize] and
+      Pyro's ``TraceEnum_ELBO`` (vectorized particles), which sums every component
+      choice out: the same estimator. Discrete model sites marked for parallel
+      enumeration are summed out on both paths.
 
-    Components must not collapse: from a random start, reverse KL tends to give one
-    component all the weight, and a component that loses its weight stops moving (its
-    gradient is scaled by it). So for the first ``classifier_warmup`` steps the
-    classifiers are held constant (their gradients are dropped; they start uniform): every
-    component moves, with weight 1/K, to the mode nearest its spread start (see
-    [`AutoCWM`][pyro_cwm.guides.AutoCWM]), and only then do the weights adapt. The counter
-    is ``self.step``; use a new CWMELBO (or reset ``step``) for a new fit.
+    For the first ``classifier_warmup`` steps the classifiers are held constant (their
+    gradients are dropped; they start uniform): every component moves, with weight 1/K,
+    to the mode nearest its spread start before the weights adapt (reverse KL otherwise
+    tends to give one component all the weight, and a component without weight stops
+    moving). The counter is ``self.step``; use a new CWMELBO for a new fit.
 
     The gradient is the path derivative ("sticking the landing", Roeder, Wu and Duvenaud
-    2017): in ``log q(T_k z)`` the guide's parameters enter only through the point T_k z,
-    not through the density's own parameters. The dropped term, the score
-    ``grad log q(x)`` at fixed x, has expectation zero under q (the classifier's weights
-    w_k(z) still carry theirs: the sum over k is exact), so the estimate stays unbiased,
-    costs the same, and its variance vanishes as q approaches the posterior: with one
-    particle and ``fit_svi``'s defaults, the KL on the 100-D regression of the model zoo
-    after 3,000 steps fell from 0.31 to 0.0002, and the worst mean error on kilpisjarvi
-    from 0.064 to 0.007 sd. (The ``TraceEnum_ELBO`` path, for guide lists, keeps Pyro's
-    full gradient.)
+    2017): in ``log q(T_k u)`` the parameters enter only through the point, not through
+    the density's own parameters. The dropped score term has expectation zero, so the
+    estimate stays unbiased, and its variance vanishes as q approaches the posterior.
+    An ``AutoGuideList`` keeps the full gradient.
 
     Args:
-        num_particles: number of draws z per step. None (default): 1 for location-scale
-            maps, ``RICH_MAP_PARTICLES`` (4) for the richer ones (``affine``, ``flow``,
-            ``maf``; also the autoregressive flow that AutoCWM's ``map="auto"`` picks for
-            a funnel), whose many parameters one draw moves too noisily: on Neal's 10-D
-            funnel with the autoregressive flow and ``fit_svi``'s defaults, KL 0.128 at
-            2,000 steps and 0.068 at 8,000 with one draw, 0.030 and 0.031 with four, for
-            7% more time (the draws are one vectorized call).
-        classifier_warmup: number of steps with a constant classifier (0: none).
-        path_gradient: use the path derivative above (False: the full reparameterization
-            gradient, score term included, as ``TraceEnum_ELBO`` computes it).
+        num_particles: draws u per step. None (default): 1, or ``RICH_MAP_PARTICLES``
+            (4) for an AutoCWM whose maps are richer than location-scale.
+        classifier_warmup: number of steps with constant classifiers (0: none).
+        path_gradient: use the path derivative (False: the full gradient, score term
+            included, as ``TraceEnum_ELBO`` computes it).
         max_plate_nesting: for the ``TraceEnum_ELBO`` path (default: guessed from a run
             of the model and guide, as Pyro does).
 
     Raises:
-        TypeError: (at the first step) if the guide has no AutoCWM part.
+        ValueError: (at a step) where a guide's CWM and the model's site disagree in
+            event shape, naming the site.
     """
 
     def __init__(
@@ -152,6 +117,7 @@ class CWMELBO(ELBO):
             vectorize_particles=True,
             max_plate_nesting=max_plate_nesting,
         )
+        self._reparam = CWMReparam(self.path_gradient)
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, as ``Trace_ELBO`` draws it (for ELBO helpers)."""
@@ -187,22 +153,22 @@ class CWMELBO(ELBO):
         values = (log_w.exp() * (log_p.reshape(p, k) - log_q)).sum(-1)
         return values, log_w
 
+    def _enumerated(self, model, guide):
+        """The model (checked against the guide's CWM sites) and the guide with its CWM
+        sites summed out, for ``TraceEnum_ELBO``."""
+        return _MatchCWMSites(self._reparam)(model), rao_blackwellize(guide, reparam=self._reparam)
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """The negative ELBO estimate, differentiable in the guide's and model's parameters."""
         if isinstance(guide, AutoCWM):
             values, _ = self.elbo_terms(model, guide, *args, **kwargs)
             return -values.mean()
-        if not cwm_guides(guide):
-            raise TypeError(
-                f"CWMELBO needs a guide with an AutoCWM part, got {type(guide).__name__}; use "
-                "Trace_ELBO (or TraceEnum_ELBO) for other guides"
-            )
-        return self._enum_elbo.differentiable_loss(model, guide, *args, **kwargs)
+        return self._enum_elbo.differentiable_loss(*self._enumerated(model, guide), *args, **kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
-        if not isinstance(guide, AutoCWM) and cwm_guides(guide):
+        if not isinstance(guide, AutoCWM):
             # TraceEnum_ELBO refuses differentiable_loss under no_grad; it has its own.
-            return self._enum_elbo.loss(model, guide, *args, **kwargs)
+            return self._enum_elbo.loss(*self._enumerated(model, guide), *args, **kwargs)
         with torch.no_grad():
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
@@ -210,8 +176,9 @@ class CWMELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         if self.step < self.classifier_warmup:
-            for cwm_guide in cwm_guides(guide):
-                for param in cwm_guide.cwm.classifier.parameters():
+            classifiers = [part.cwm.classifier for part in cwm_guides(guide)]
+            for classifier in classifiers + list(self._reparam.classifiers.values()):
+                for param in classifier.parameters():
                     param.grad = None
         self.step += 1
         return loss.item()

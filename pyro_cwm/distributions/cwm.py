@@ -88,9 +88,15 @@ class ClassifierWeightedMixture(TorchDistribution):
         batch_shape = context.shape[:-1] if context is not None else Size()
         super().__init__(batch_shape, Size((dim,)), validate_args=validate_args)
 
-    @property
-    def arg_constraints(self) -> dict[str, constraints.Constraint]:
-        return {} if self.context is None else {"context": constraints.real_vector}
+    # The context is checked where it is used (``check_context``), so that a guide's CWM
+    # site can name itself in the error; torch's constructor check could not.
+    arg_constraints: dict[str, constraints.Constraint] = {}
+
+    def check_context(self, site: str | None = None) -> None:
+        """Raise a ValueError if the context holds NaN or inf (naming ``site`` if given)."""
+        if self.context is not None and not torch.isfinite(self.context).all():
+            where = f" of the CWM at site {site!r}" if site else ""
+            raise ValueError(f"the context{where} contains NaN or inf")
 
     @property
     def num_components(self) -> int:
@@ -119,6 +125,7 @@ class ClassifierWeightedMixture(TorchDistribution):
         Their logsumexp over k is ``log_prob(value)``; normalized, the component posterior.
         """
         if self._validate_args:
+            self.check_context()
             self._validate_sample(value)
             if not torch.isfinite(value).all():
                 raise ValueError("value must be finite: it contains inf")
@@ -146,9 +153,21 @@ class ClassifierWeightedMixture(TorchDistribution):
         parameters of the maps and the classifier; the Rao-Blackwellized ELBO weights a
         function of ``x[..., k, :]`` by ``w_k(z)`` and sums over k.
         """
+        if self._validate_args:
+            self.check_context()
         shape = self._extended_shape(sample_shape)[:-1]
         z = self.reference.rsample(shape)
         return self.maps(z, self.context), self.classifier(z, self.context)
+
+    def score_parts(self, value, *args, **kwargs):
+        """Refused: an ELBO that asks for a CWM site's score parts would draw the component
+        with a score-function gradient; the error says which ELBOs sum it out instead."""
+        raise ValueError(
+            "this CWM guide site needs the Rao-Blackwellized estimator, which sums out its "
+            "discrete component choice: train with inference.CWMELBO(), or with "
+            "pyro.infer.TraceEnum_ELBO() on pyro_cwm.guides.rao_blackwellize(guide); "
+            "Trace_ELBO and TraceGraph_ELBO would use a high-variance score function"
+        )
 
     def sample(self, sample_shape=Size()) -> Tensor:
         """Draw ``x = T_k(z)``, ``z ~ q``, ``k ~ Categorical(w(z))``: shape (*sample, *batch, d)."""

@@ -38,6 +38,7 @@ from pyro_cwm.guides.log_joint import (
     unconstrained_log_joint,
     with_improper_fallback,
 )
+from pyro_cwm.guides.rao_blackwell import sample_components
 from pyro_cwm.nn.checks import check_positive_int
 from pyro_cwm.nn.cwm import CWM
 from pyro_cwm.nn.maps import PreconditionedMaps
@@ -58,25 +59,6 @@ from it takes one pass per coordinate."""
 AUTO_MAF_MISFIT = 1.0
 """Laplace misfit (nats, see ``pyro_cwm.guides.laplace.laplace_misfit``) at a mode above
 which ``map="auto"`` picks the autoregressive flow."""
-
-
-class _ComponentChoice(dist.Categorical):
-    """The guide's component site: summed out under enumeration, refused by other ELBOs.
-
-    ``TraceEnum_ELBO`` enumerates it (its value then has the enumeration dimension left
-    of the batch dimensions) and weights every component's image by w_k(z): the exact,
-    Rao-Blackwellized estimator. A score-function ELBO such as ``Trace_ELBO`` would draw
-    the component and need its score function, whose variance this guide avoids by design.
-    """
-
-    def score_parts(self, value, *args, **kwargs):
-        if value.dim() <= len(self.batch_shape):
-            raise TypeError(
-                "AutoCWM's posterior has a discrete component choice; train it with "
-                "inference.CWMELBO or pyro.infer.TraceEnum_ELBO, which sum the choice out "
-                "exactly (Trace_ELBO and other score-function ELBOs would draw it)"
-            )
-        return super().score_parts(value, *args, **kwargs)
 
 
 class AutoCWM(AutoContinuous):
@@ -207,8 +189,7 @@ class AutoCWM(AutoContinuous):
         self._init_scale = float(init_scale)
         if map == "auto" and map_options:
             raise ValueError(
-                f"map_options={map_options!r} needs an explicit map (map='auto' chooses "
-                "its own)"
+                f"map_options={map_options!r} needs an explicit map (map='auto' chooses its own)"
             )
         self._hidden_dims, self._map, self._map_options = tuple(hidden_dims), map, map_options
         self.map_chosen: str | None = None
@@ -392,9 +373,7 @@ class AutoCWM(AutoContinuous):
         try:
             with poutine.block():
                 for index in finite.split(chunk):
-                    _, _, hess = log_joint_derivatives(
-                        self._log_joint(args, kwargs), starts[index]
-                    )
+                    _, _, hess = log_joint_derivatives(self._log_joint(args, kwargs), starts[index])
                     eigenvalues = torch.linalg.eigvalsh(-hess)
                     positive = (eigenvalues > 0).all(-1) & torch.isfinite(eigenvalues).all(-1)
                     log_det = eigenvalues.clamp(min=torch.finfo(log_p.dtype).tiny).log().sum(-1)
@@ -452,9 +431,7 @@ class AutoCWM(AutoContinuous):
         search and the Laplace draws may reach parameters at which a model's own
         computation fails (gp_pois_regr's covariance, not positive definite at large
         amplitudes, made the whole start fall back to ``init_loc_fn``'s point)."""
-        return rowwise(
-            lambda u: unconstrained_log_joint(self._raw_model, self, u, *args, **kwargs)
-        )
+        return rowwise(lambda u: unconstrained_log_joint(self._raw_model, self, u, *args, **kwargs))
 
     def _refine_best(self, starts: torch.Tensor, log_p: torch.Tensor, args: tuple, kwargs: dict):
         """Newton steps from the best start; kept only if they converge to a mode.
@@ -575,25 +552,7 @@ class AutoCWM(AutoContinuous):
         """
         posterior = self.get_posterior(*args, **kwargs)
         name = self._pyro_name
-        z = pyro.sample(f"_{name}_base", posterior.reference, infer={"is_auxiliary": True})
-        images, log_w = posterior.maps(z), posterior.classifier(z)  # (*b, K, d), (*b, K)
-        k = pyro.sample(
-            f"_{name}_component",
-            _ComponentChoice(logits=log_w),
-            infer={"enumerate": "parallel", "is_auxiliary": True},
-        )
-        batch_dims = log_w.dim() - 1
-        if k.dim() > batch_dims:  # enumerated: k = arange(K) along a dimension left of z's
-            pad = (1,) * (k.dim() - 1 - batch_dims)
-            latent = images.movedim(-2, 0).reshape(
-                images.shape[-2:-1] + pad + images.shape[:-2] + images.shape[-1:]
-            )
-            log_w_k = log_w.movedim(-1, 0).reshape(log_w.shape[-1:] + pad + log_w.shape[:-1])
-        else:
-            index = k[..., None, None].expand(*k.shape, 1, images.shape[-1])
-            latent = images.gather(-2, index).squeeze(-2)
-            log_w_k = log_w.gather(-1, k[..., None]).squeeze(-1)
-        log_density = posterior.log_prob(latent) - posterior.reference.log_prob(z) - log_w_k
+        latent, log_density = sample_components(posterior, f"_{name}_base", f"_{name}_component")
         return pyro.sample(
             f"_{name}_latent",
             dist.Delta(latent, log_density=log_density, event_dim=1),

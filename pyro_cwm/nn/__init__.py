@@ -2,6 +2,7 @@
 
 from pyro_cwm.nn.classifiers import ConstantWeights, SoftmaxClassifier
 from pyro_cwm.nn.cwm import CWM
+from pyro_cwm.nn.encoder import CWMEncoder
 from pyro_cwm.nn.gmm import GMM
 from pyro_cwm.nn.maps import (
     MAP_CHOICES,
@@ -15,6 +16,7 @@ from pyro_cwm.nn.maps import (
 
 __all__ = [
     "CWM",
+    "CWMEncoder",
     "GMM",
     "MAPS",
     "AffineMaps",

@@ -15,6 +15,33 @@ from pyro_cwm.nn.classifiers import SoftmaxClassifier
 from pyro_cwm.nn.maps import build_maps
 
 
+def reference_cells(
+    num_components: int, dim: int, num_points: int = 256, steps: int = 30
+) -> tuple[Tensor, Tensor]:
+    """A spread start: the K cells of a k-means partition of N(0, I_d).
+
+    k-means (k-means++ start, ``steps`` Lloyd steps) on ``num_points * K`` draws of a
+    private generator (seed 0: deterministic, the global random state untouched).
+    Component k gets its cell's mean and per-coordinate standard deviation, so the
+    equally weighted mixture has mean 0 and covariance close to I (the law of total
+    variance). Returns ``(loc, scale)``, each of shape (K, d), float32.
+    """
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(num_points * num_components, dim, generator=generator)
+    centers = points[:1]
+    for _ in range(1, num_components):
+        gap = torch.cdist(points, centers).min(-1).values.square()
+        pick = torch.multinomial(gap, 1, generator=generator)
+        centers = torch.cat((centers, points[pick]))
+    for _ in range(steps):
+        labels = torch.cdist(points, centers).argmin(-1)
+        one_hot = nn.functional.one_hot(labels, num_components).to(points.dtype)
+        counts = one_hot.sum(0).clamp(min=1).unsqueeze(-1)
+        centers = one_hot.T @ points / counts
+    spread = (one_hot.T @ points.square() / counts - centers.square()).clamp(min=1e-2).sqrt()
+    return centers, spread
+
+
 class CWM(nn.Module):
     """A Classifier Weighted Mixture with reference N(0, I_d), K maps and a softmax MLP.
 
@@ -33,9 +60,12 @@ class CWM(nn.Module):
         map_options: keyword arguments of the maps family (the class that
             [`MAPS`][pyro_cwm.nn.MAPS] holds under ``map``).
 
-    Initially the classifier is constant (uniform weights) and the maps are the identity;
-    [`set_gaussian_mixture`][pyro_cwm.nn.CWM.set_gaussian_mixture] (used by EM pretraining)
-    sets a diagonal Gaussian mixture.
+    Initially the classifier is constant (uniform weights) and the components are spread
+    over the reference (see [`reference_cells`][pyro_cwm.nn.cwm.reference_cells]): K
+    coinciding components would stay together under any gradient, and as a variational
+    family they would settle on one mode.
+    [`set_gaussian_mixture`][pyro_cwm.nn.CWM.set_gaussian_mixture] (used by EM pretraining
+    and AutoCWM) sets another diagonal Gaussian mixture.
 
     Raises:
         ValueError, TypeError: for a non-positive dimension, K < 1 or an unknown map.
@@ -62,6 +92,9 @@ class CWM(nn.Module):
         self.classifier = SoftmaxClassifier(dim, num_components, self.hidden_dims, context_dim)
         self.register_buffer("reference_loc", torch.zeros(dim))
         self.register_buffer("reference_scale", torch.ones(dim))
+        if num_components > 1:
+            loc, scale = reference_cells(num_components, dim)
+            self.set_gaussian_mixture(torch.ones(num_components), loc, scale)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, to rebuild the module with ``CWM(**config)``."""

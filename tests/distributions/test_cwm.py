@@ -293,8 +293,12 @@ class TestBadInput:
             CWM(2, 3)(torch.zeros(2))
         with pytest.raises(ValueError, match="context must have shape"):
             CWM(2, 3, context_dim=2)(torch.zeros(4, 3))
-        with pytest.raises(ValueError, match="context"):
-            CWM(2, 3, context_dim=2)(torch.tensor([[0.0, math.nan]]))
+        # NaN in the context is found where it is used (a guide site can then name itself).
+        nan_context = CWM(2, 3, context_dim=2)(torch.tensor([[0.0, math.nan]]))
+        with pytest.raises(ValueError, match="context contains NaN"):
+            nan_context.sample()
+        with pytest.raises(ValueError, match="context contains NaN"):
+            nan_context.log_prob(torch.zeros(2))
 
 
 def test_preconditioned_maps_invert_and_count_the_shared_jacobian():

@@ -61,7 +61,7 @@ def test_early_stopping_keeps_the_best_parameters():
     data, _ = two_gaussians(400, 2)
     cwm = CWM(1, 8, hidden_dims=(64, 64))
     history = fit_density(
-        cwm, data, epochs=300, lr=3e-2, patience=3, em_pretraining=False, progress=False
+        cwm, data, epochs=300, lr=1e-2, patience=3, em_pretraining=False, progress=False
     )
     assert history["stopped_early"] and history["epochs"] < 300
     assert history["epochs"] - 1 - history["best_epoch"] == 3

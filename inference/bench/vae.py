@@ -13,7 +13,7 @@ Two parts, each a table (the rows are also written as JSON):
   Softplus) under each encoder: ``normal`` (a linear head to loc and log-scale),
   ``iaf`` (that Normal followed by two conditional IAF transforms of Pyro, widths chosen
   to match ``cwm4``'s parameters), ``cwm2``, ``cwm4``, ``cwm8``
-  ([`CWMEncoder`][pyro_cwm.CWMEncoder] with K components). Adam lr 1e-3, batch 128.
+  ([`CWMEncoder`][pyro_cwm.nn.CWMEncoder] with K components). Adam lr 1e-3, batch 128.
   Reported on the test split: -ELBO, -log p(x) by the IWAE bound with ``--iwae``
   samples, their difference (the inference gap of Cremer et al. 2018), the encoder's
   parameters and the time per epoch and per step.

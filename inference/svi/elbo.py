@@ -17,12 +17,19 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, TraceEnum_ELBO
 from pyro.infer.enum import get_importance_trace
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
+from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 
 from pyro_cwm.guides.autocwm import AutoCWM
 from pyro_cwm.guides.log_joint import unconstrained_log_joint
-from pyro_cwm.guides.rao_blackwell import CWMReparam, detached_parameters, rao_blackwellize
+from pyro_cwm.guides.rao_blackwell import (
+    ComponentChoice,
+    CWMReparam,
+    path_log_prob,
+    rao_blackwellize,
+)
 
 
 def cwm_guides(guide) -> list[AutoCWM]:
@@ -50,6 +57,46 @@ class _MatchCWMSites(Messenger):
                 "dim equal to the size of the model's site (a vector site: "
                 "dist.Normal(...).to_event(1))"
             )
+
+
+def _component_sum(model_trace, guide_trace) -> Tensor | None:
+    """The ELBO (summed over particles) of traces whose only enumerated site is one CWM
+    component choice, weighted in place: ``sum_k w_k * log_prob`` for every factor with the
+    component's enumeration dimension, ``log_prob`` itself for the others. None where
+    the traces need ``TraceEnum_ELBO``'s contraction: another enumerated or
+    non-reparameterized site, a model latent the guide lacks, or a factor that depends on
+    the component outside its plates."""
+    enumerated = [
+        site
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
+    ]
+    if len(enumerated) != 1 or not isinstance(enumerated[0]["fn"], ComponentChoice):
+        return None
+    component = enumerated[0]
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and site is not component and not site["fn"].has_rsample:
+            return None
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        if name not in guide_trace.nodes or site["infer"].get("enumerate"):
+            return None
+    dim = component["infer"]["_enumerate_dim"]
+    weights = component["unscaled_log_prob"].exp()
+    plates = {f.name for f in component["cond_indep_stack"] if f.vectorized}
+    elbo = 0.0
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            log_prob = site["log_prob"]
+            if log_prob.dim() >= -dim and log_prob.shape[dim] > 1:
+                if not plates <= {f.name for f in site["cond_indep_stack"] if f.vectorized}:
+                    return None
+                log_prob = weights * log_prob
+            elbo = elbo + sign * log_prob.sum()
+    return elbo
 
 
 RICH_MAP_PARTICLES = 4
@@ -118,6 +165,7 @@ class CWMELBO(ELBO):
             max_plate_nesting=max_plate_nesting,
         )
         self._reparam = CWMReparam(self.path_gradient)
+        self._direct: bool | None = None  # does the guide take _direct_loss? (first step)
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, as ``Trace_ELBO`` draws it (for ELBO helpers)."""
@@ -146,9 +194,10 @@ class CWMELBO(ELBO):
             particles = RICH_MAP_PARTICLES
         images, log_w = posterior.rsample_components((particles,))
         p, k, d = images.shape
-        log_q = (detached_parameters(posterior) if self.path_gradient else posterior).log_prob(
-            images
-        )
+        if self.path_gradient:
+            log_q = path_log_prob(posterior, images)
+        else:
+            log_q = posterior.log_prob(images)
         log_p = unconstrained_log_joint(model, guide, images.reshape(p * k, d), *args, **kwargs)
         values = (log_w.exp() * (log_p.reshape(p, k) - log_q)).sum(-1)
         return values, log_w
@@ -163,12 +212,47 @@ class CWMELBO(ELBO):
         if isinstance(guide, AutoCWM):
             values, _ = self.elbo_terms(model, guide, *args, **kwargs)
             return -values.mean()
-        return self._enum_elbo.differentiable_loss(*self._enumerated(model, guide), *args, **kwargs)
+        model, guide = self._enumerated(model, guide)
+        loss = self._direct_loss(model, guide, args, kwargs)
+        if loss is None:
+            loss = self._enum_elbo.differentiable_loss(model, guide, *args, **kwargs)
+        return loss
+
+    def _direct_loss(self, model, guide, args, kwargs) -> Tensor | None:
+        """The loss of a guide with one CWM site and a model without enumerated sites, from
+        one run of each (``_component_sum``); None where ``TraceEnum_ELBO`` is needed (the
+        first step decides, ``self._direct``)."""
+        if self._direct is False:
+            return None
+        elbo = self._enum_elbo
+        if elbo.max_plate_nesting == float("inf"):
+            elbo._guess_max_plate_nesting(model, guide, args, kwargs)
+        if elbo.num_particles > 1:
+            model, guide = (
+                elbo._vectorized_num_particles(model),
+                elbo._vectorized_num_particles(guide),
+            )
+        guide = EnumMessenger(first_available_dim=-1 - elbo.max_plate_nesting)(guide)
+        # A first step that finds the contraction needed leaves the random state as it was.
+        state = get_rng_state() if self._direct is None else None
+        model_trace, guide_trace = get_importance_trace(
+            "flat", elbo.max_plate_nesting, model, guide, args, kwargs
+        )
+        value = _component_sum(model_trace, guide_trace)
+        self._direct = value is not None
+        if value is None and state is not None:
+            set_rng_state(state)
+        return None if value is None else -value / elbo.num_particles
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         if not isinstance(guide, AutoCWM):
+            model, guide = self._enumerated(model, guide)
+            with torch.no_grad():
+                loss = self._direct_loss(model, guide, args, kwargs)
+            if loss is not None:
+                return loss.item()
             # TraceEnum_ELBO refuses differentiable_loss under no_grad; it has its own.
-            return self._enum_elbo.loss(*self._enumerated(model, guide), *args, **kwargs)
+            return self._enum_elbo.loss(model, guide, *args, **kwargs)
         with torch.no_grad():
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 

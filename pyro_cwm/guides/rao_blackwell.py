@@ -31,11 +31,10 @@ import torch
 from pyro.infer.reparam.reparam import Reparam
 from pyro.infer.reparam.strategies import Strategy
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
 
-__all__ = ["CWMReparam", "rao_blackwellize", "detached_parameters", "sample_components"]
+__all__ = ["CWMReparam", "rao_blackwellize", "path_log_prob", "sample_components"]
 
 
 class ComponentChoice(dist.Categorical):
@@ -55,49 +54,32 @@ class ComponentChoice(dist.Categorical):
         return super().score_parts(value, *args, **kwargs)
 
 
-class _Method(nn.Module):
-    """``module.method`` as a module's forward (for ``functional_call``)."""
-
-    def __init__(self, module: nn.Module, method: str) -> None:
-        super().__init__()
-        self.module, self.method = module, method
-
-    def forward(self, *args):
-        return getattr(self.module, self.method)(*args)
-
-
-class _Detached(nn.Module):
-    """A stand-in for a CWM's maps or classifier that evaluates them with their
-    parameters detached: values are unchanged, gradients flow only through the inputs."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self._module = [module]  # not a submodule: nothing to register or move
-        for name in ("dim", "num_components", "context_dim"):
-            if hasattr(module, name):
-                setattr(self, name, getattr(module, name))
-
-    def _call(self, method: str, *args):
-        module = self._module[0]
-        params = {f"module.{n}": p.detach() for n, p in module.named_parameters()}
-        return functional_call(_Method(module, method), params, args)
-
-    def forward(self, *args):
-        return self._call("forward", *args)
-
-    def inverse(self, *args):
-        return self._call("inverse", *args)
-
-
-def detached_parameters(posterior: ClassifierWeightedMixture) -> ClassifierWeightedMixture:
-    """The same CWM with its parameters cut from the graph (for the path gradient)."""
-    context = posterior.context
-    return ClassifierWeightedMixture(
-        posterior.reference,
-        _Detached(posterior.maps),
-        _Detached(posterior.classifier),
-        None if context is None else context.detach(),
-    )
+def path_log_prob(posterior: ClassifierWeightedMixture, value: Tensor) -> Tensor:
+    """``posterior.log_prob(value)`` whose gradient flows through ``value`` alone: the
+    CWM's parameters and context are held fixed (the path derivative)."""
+    params = [
+        p
+        for module in (posterior.maps, posterior.classifier)
+        for p in module.parameters()
+        if p.requires_grad
+    ]
+    if posterior.context is not None:
+        posterior = ClassifierWeightedMixture(
+            posterior.reference,
+            posterior.maps,
+            posterior.classifier,
+            posterior.context.detach(),
+            validate_args=False,
+        )
+    # Parameters that do not require grad are constants of the graph recorded below: the
+    # same values, no gradient to them, and none of functional_call's per-call cost.
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        return posterior.log_prob(value)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def sample_components(
@@ -135,8 +117,8 @@ def sample_components(
         index = k[..., None, None].expand(*k.shape, 1, images.shape[-1])
         image = images.gather(-2, index).squeeze(-2)
         log_w_k = log_w.gather(-1, k[..., None]).squeeze(-1)
-    density = detached_parameters(posterior) if path_gradient else posterior
-    log_density = density.log_prob(image) - reference.log_prob(u) - log_w_k
+    log_q = path_log_prob(posterior, image) if path_gradient else posterior.log_prob(image)
+    log_density = log_q - reference.log_prob(u) - log_w_k
     return image, log_density
 
 

@@ -139,9 +139,8 @@ def test_cwmelbo_and_traceenum_elbo_agree_on_a_rich_guide():
     guide, _ = rich_guide_parts()
     pyro.set_rng_seed(0)
     CWMELBO(max_plate_nesting=1).loss(rich_model, guide, x)
-    ours = loss_and_grads(
-        CWMELBO(num_particles=3, path_gradient=False, max_plate_nesting=1), rich_model, guide, x
-    )
+    ours_elbo = CWMELBO(num_particles=3, path_gradient=False, max_plate_nesting=1)
+    ours = loss_and_grads(ours_elbo, rich_model, guide, x)
     pyro_s = loss_and_grads(
         TraceEnum_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1),
         rich_model,
@@ -149,6 +148,7 @@ def test_cwmelbo_and_traceenum_elbo_agree_on_a_rich_guide():
         x,
     )
     assert torch.isfinite(ours[0])
+    assert ours_elbo._direct is False  # two CWM sites and an enumerated model site
     assert ours[0].item() == pytest.approx(pyro_s[0].item(), rel=1e-5)
     for a, b in zip(ours[1], pyro_s[1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -156,6 +156,37 @@ def test_cwmelbo_and_traceenum_elbo_agree_on_a_rich_guide():
     path = loss_and_grads(CWMELBO(num_particles=3, max_plate_nesting=1), rich_model, guide, x)
     assert path[0].item() == pytest.approx(ours[0].item(), rel=1e-5)
     assert all(torch.isfinite(g).all() for g in path[1])
+
+
+def test_one_cwm_site_skips_the_contraction_and_agrees_with_traceenum_elbo():
+    # One CWM site and no enumerated model site: CWMELBO weights the factors in place.
+    x = torch.linspace(-0.5, 2.5, 7)[:, None]
+    encoder = random_cwm(1, 3, context_dim=1, seed=4, dtype=torch.float32)
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 7, subsample_size=3) as index:
+            z = pyro.sample("z", dist.Normal(mu[..., None], 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z[..., 0].square(), 0.5), obs=x[index, 0])
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        pyro.sample("mu", dist.Normal(pyro.param("mu_loc", torch.tensor(0.3)), 0.7))
+        with pyro.plate("data", 7, subsample_size=3) as index:
+            pyro.sample("z", encoder(x[index]))
+
+    for path_gradient in (False, True):
+        guide(x)  # fill the param store
+        elbo = CWMELBO(num_particles=3, path_gradient=path_gradient, max_plate_nesting=1)
+        ours = loss_and_grads(elbo, model, guide, x)
+        assert elbo._direct is True
+        reference = TraceEnum_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+        pyro_s = loss_and_grads(
+            reference, model, rao_blackwellize(guide, path_gradient=path_gradient), x
+        )
+        assert ours[0].item() == pytest.approx(pyro_s[0].item(), rel=1e-5)
+        for a, b in zip(ours[1], pyro_s[1]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_rich_guide_trace_shapes():

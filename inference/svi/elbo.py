@@ -111,12 +111,12 @@ class CWMELBO(ELBO):
 
     - A single [`AutoCWM`][pyro_cwm.guides.AutoCWM] guide runs as one vectorized call of
       the model on the K x ``num_particles`` images (the fast path).
-    - Any other guide (one written by hand with ``pyro.sample(name, cwm(context))``
-      sites, inside plates and beside ordinary sites; an ``AutoGuideList`` with AutoCWM
-      parts) runs through [`rao_blackwellize`][pyro_cwm.guides.rao_blackwellize] and
-      Pyro's ``TraceEnum_ELBO`` (vectorized particles), which sums every component
-      choice out: the same estimator. Discrete model sites marked for parallel
-      enumeration are summed out on both paths.
+    - Any other guide (``pyro.sample(name, cwm(context))`` sites written by hand, inside
+      plates and beside ordinary sites; an ``AutoGuideList`` with AutoCWM parts) runs
+      through [`rao_blackwellize`][pyro_cwm.guides.rao_blackwellize], which sums every
+      component choice out: with one CWM site and no enumerated model site, by weighting
+      the factors in place; otherwise through Pyro's ``TraceEnum_ELBO`` (vectorized
+      particles), which also sums discrete model sites marked for enumeration.
 
     For the first ``classifier_warmup`` steps the classifiers are held constant (their
     gradients are dropped; they start uniform): every component moves, with weight 1/K,

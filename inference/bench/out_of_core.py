@@ -24,8 +24,9 @@ the first iteration (validation and data mean: one pass; the initialization), th
 of each iteration, the lower bounds, and per process its peak resident memory
 (``getrusage(RUSAGE_SELF).ru_maxrss``, which counts the file's pages that are mapped and
 resident as well as allocated memory), its resident memory before the fit and its CPU
-seconds. The phases are timed by wrapping ``_Data.mean`` and ``run_em`` of
-``inference.em.estimator`` for the duration of the fit; the fit itself is unchanged.
+seconds. The phases are timed by wrapping ``ChunkedData.mean`` (``inference.em.readers``)
+and ``run_em`` of ``inference.em.estimator`` for the duration of the fit; the fit itself is
+unchanged.
 ``/usr/bin/time -v`` around the command reports the same peak ("Maximum resident set
 size", the largest process of a torchrun launch).
 """
@@ -53,6 +54,7 @@ from inference.em.distributed import (
     rank_and_size,
     shard_bounds,
 )
+from inference.em.readers import ChunkedData
 
 GIB = 2**30
 
@@ -105,7 +107,7 @@ def is_made(path: Path, record: dict) -> bool:
 def phase_clock(marks: list[tuple[str, float]]):
     """Record ``(phase, time)`` as a fit passes: the data mean (its first pass over the
     data), the start of EM (the initialization done), every iteration's start, EM's end."""
-    mean, run_em = estimator._Data.mean, estimator.run_em
+    mean, run_em = ChunkedData.mean, estimator.run_em
 
     def timed_mean(self, size):
         value = mean(self, size)
@@ -123,11 +125,11 @@ def phase_clock(marks: list[tuple[str, float]]):
         marks.append(("end", time.perf_counter()))
         return run
 
-    estimator._Data.mean, estimator.run_em = timed_mean, timed_run_em
+    ChunkedData.mean, estimator.run_em = timed_mean, timed_run_em
     try:
         yield marks
     finally:
-        estimator._Data.mean, estimator.run_em = mean, run_em
+        ChunkedData.mean, estimator.run_em = mean, run_em
 
 
 def peak_rss() -> int:

@@ -13,6 +13,8 @@ processes (one all-reduce) before the M-step.
   where they are accurate) and the rule that falls back to the centered scheme.
 - `inference.em.estimator`: [`GaussianMixtureEM`][inference.GaussianMixtureEM], with
   scikit-learn's API.
+- `inference.em.readers`: the out-of-core readers: the data of a fit in row chunks, from a
+  tensor or a memory-mapped array read at a resident memory that does not grow with it.
 - `inference.em.kmeans`: k-means++ seeding and Lloyd's k-means (initialization).
 - `inference.em.pretrain`: [`em_pretrain`][inference.em_pretrain], a CWM started from a
   fitted mixture.

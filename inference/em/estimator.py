@@ -5,14 +5,13 @@ conventions (``sklearn.mixture.GaussianMixture``), and runs the EM loop of
 ``inference.em.loop`` on torch tensors wherever they live (CUDA included). Inputs may be
 numpy arrays (results come back as numpy arrays), torch tensors (results stay tensors on
 the fitted device) or memory-mapped arrays larger than memory (read in chunks, at a resident
-memory that does not grow with the file: see ``_MappedRows``).
+memory that does not grow with the file: see ``inference.em.readers``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import mmap
 import numbers
 import operator
 import warnings
@@ -27,7 +26,6 @@ from torch import Tensor
 from inference.em.distributed import (
     all_reduce_sum,
     check_shards,
-    communication_device,
     is_distributed,
     rank_and_size,
     shard_offset,
@@ -56,6 +54,7 @@ from inference.em.loop import (
     stepwise_statistics,
     weighted_log_probs,
 )
+from inference.em.readers import ChunkedData
 from pyro_cwm.distributions.gaussian_mixture import (
     COVARIANCE_TYPES,
     GaussianMixture,
@@ -64,146 +63,6 @@ from pyro_cwm.distributions.gaussian_mixture import (
 
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 MEMMAP_INIT_ROWS = 100_000  # rows of a memory-mapped array used to initialize
-READ_BYTES = 2**23  # a memmap is read in blocks of about this size (whole E-step chunks)
-
-
-class _MappedRows:
-    """Copies of rows of a ``numpy.memmap`` that leave no page of the file resident.
-
-    The pages of a file mapping that a process has read count in its resident set (RSS)
-    until the kernel needs the memory, so a plain pass over a memmap leaves the whole file
-    resident, however small the chunks copied out of it. After copying, the pages under the
-    rows read are dropped from this process's mapping (``madvise(MADV_DONTNEED)``: the file
-    and the kernel's page cache keep them, the next read maps them again), so the resident
-    memory stays at one block of rows whatever the file's size; the values are the same.
-
-    Pages are not dropped (rows are read as they are) where that could lose data or is
-    unsupported: a copy-on-write memmap (``mode="c"``, whose pages written in memory exist
-    nowhere else), an array whose buffer is not a ``mmap.mmap``, or a platform without
-    ``madvise`` (Windows).
-    """
-
-    def __init__(self, array: np.memmap):
-        self.array, self.mapping, self.address = array, None, 0
-        owner = array
-        while isinstance(owner, np.ndarray):  # a view's base chain ends at the mmap
-            owner = owner.base
-        if (
-            isinstance(owner, mmap.mmap)
-            and getattr(array, "mode", "c") != "c"
-            and hasattr(owner, "madvise")
-            and hasattr(mmap, "MADV_DONTNEED")
-        ):
-            self.mapping = owner
-            self.address = np.frombuffer(owner, np.uint8).ctypes.data  # export released here
-        row_bytes = array.itemsize * math.prod(array.shape[1:])
-        self.block_rows = max(1, READ_BYTES // max(1, row_bytes))
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """A copy of rows ``[start, stop)``."""
-        view = self.array[start:stop]
-        out = np.array(view)
-        self._release(view)
-        return out
-
-    def take(self, index: np.ndarray) -> np.ndarray:
-        """A copy of the rows at ``index`` (sorted), read block by block."""
-        parts = [np.empty((0, *self.array.shape[1:]), self.array.dtype)]
-        step = self.block_rows
-        for start in np.unique(index // step) * step:
-            lo, hi = np.searchsorted(index, [start, start + step])
-            view = self.array[start : start + step]
-            parts.append(np.asarray(view[index[lo:hi] - start]))
-            self._release(view)
-        return np.concatenate(parts)
-
-    def _release(self, view: np.ndarray) -> None:
-        """Drop the pages under ``view`` from this process's mapping."""
-        if self.mapping is None or view.size == 0:
-            return
-        low = high = view.ctypes.data
-        for length, stride in zip(view.shape, view.strides):
-            if stride > 0:
-                high += stride * (length - 1)
-            else:
-                low += stride * (length - 1)
-        page = mmap.PAGESIZE
-        start = (low - self.address) // page * page
-        stop = min(-(-(high + view.itemsize - self.address) // page) * page, len(self.mapping))
-        try:
-            self.mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
-        except (OSError, ValueError):  # unsupported here: read as they are from now on
-            self.mapping = None
-
-
-class _Data:
-    """Validated data on the fitting device: a tensor, or a memmap read in row chunks."""
-
-    def __init__(self, values, device: torch.device, dtype: torch.dtype, is_numpy: bool):
-        if isinstance(values, Tensor):
-            values = values.to(device=device, dtype=dtype)
-        self.values, self.device, self.dtype, self.is_numpy = values, device, dtype, is_numpy
-        self.num_rows, self.dim = values.shape
-        self.mapped = None if isinstance(values, Tensor) else _MappedRows(values)
-        # This shard's place in the data set split across processes (see ``shard``).
-        self.offset, self.total_rows, self.memmap_anywhere = 0, self.num_rows, self.is_memmap
-
-    @property
-    def is_memmap(self) -> bool:
-        return not isinstance(self.values, Tensor)
-
-    def shard(self) -> _Data:
-        """Find this shard's place among the processes' shards (a no-op in one process)."""
-        if is_distributed():
-            self.offset, self.total_rows = shard_offset(self.num_rows)
-            flag = torch.tensor([float(self.is_memmap)], device=communication_device())
-            self.memmap_anywhere = bool(all_reduce_sum(flag)[0] > 0)
-        return self
-
-    def rows(self, start: int, stop: int) -> Tensor:
-        if self.mapped is None:
-            block = self.values[start:stop]
-        else:
-            block = torch.from_numpy(self.mapped.read(start, stop))  # a copy of the rows read
-        return block.to(device=self.device, dtype=self.dtype)
-
-    def chunks(self, size: int, shift: Tensor | None = None) -> list[Tensor] | _ChunkReader:
-        """Row chunks minus ``shift``; a tensor is shifted once, a memmap at every read."""
-        if isinstance(self.values, Tensor):
-            x = self.values if shift is None else self.values - shift
-            return list(torch.split(x, size))
-        return _ChunkReader(self, size, shift)
-
-    def mean(self, size: int) -> Tensor:
-        """The mean row (d,) of the data set (of every process's shard).
-
-        The first pass over a memmap, which checks its values: under a process group a
-        NaN or inf in one shard is a ValueError on every process.
-        """
-        total, error = None, None
-        try:
-            total = sum(chunk.sum(0) for chunk in self.chunks(size))
-        except ValueError as caught:
-            if not is_distributed():
-                raise
-            error = caught
-        if is_distributed():
-            check_shards(self.dim, self.dtype, error)
-        return all_reduce_sum(total) / self.total_rows
-
-    def init_rows(self, limit: int, generator: torch.Generator) -> Tensor:
-        """All rows of a tensor; at most ``limit`` random rows of a memmap.
-
-        Under a process group: this shard's part of the rows, drawn among all the rows of
-        the data set (the same draw on every process).
-        """
-        if not self.memmap_anywhere or self.total_rows <= limit:
-            return self.rows(0, self.num_rows)
-        index = torch.randperm(self.total_rows, generator=generator)[:limit].sort().values
-        index = index[(index >= self.offset) & (index < self.offset + self.num_rows)]
-        index = (index - self.offset).numpy()
-        block = self.values[index] if self.mapped is None else self.mapped.take(index)
-        return torch.as_tensor(block).to(device=self.device, dtype=self.dtype)
 
 
 def _distinct_rows(x: Tensor, sharded: bool) -> int:
@@ -217,96 +76,44 @@ def _distinct_rows(x: Tensor, sharded: bool) -> int:
     return torch.unique(all_reduce_sum(gathered), dim=0).shape[0]
 
 
-class _ChunkReader:
-    """The row chunks of a memmap minus ``shift``, re-iterable (one pass per iteration).
-
-    Rows are read a block of whole chunks at a time (about ``READ_BYTES``), checked for NaN
-    and inf, shifted and cut into the chunks, which are those of the same data in memory.
-    """
-
-    def __init__(self, data: _Data, size: int, shift: Tensor | None):
-        self.data, self.size, self.shift = data, size, shift
-
-    def __iter__(self):
-        block = self.size * max(1, self.data.mapped.block_rows // self.size)
-        for start in range(0, self.data.num_rows, block):
-            x = self.data.rows(start, start + block)
-            if not torch.isfinite(x).all():
-                raise ValueError("Input X contains NaN or infinity.")
-            yield from torch.split(x if self.shift is None else x - self.shift, self.size)
-
-
 class GaussianMixtureEM(DensityMixin, BaseEstimator):
-    """Gaussian mixture fitted by EM, scikit-learn's ``GaussianMixture`` API on torch.
+    """Gaussian mixture fitted by EM: scikit-learn's ``GaussianMixture`` API on torch.
 
-    The parameters are scikit-learn's unless said otherwise.
+    Parameters, methods and fitted attributes are scikit-learn's unless said otherwise. The
+    data may be a numpy array, a tensor (fitted on its device) or a ``numpy.memmap``, read in
+    blocks and never loaded whole (``inference.em.readers``; the results are bit for bit
+    those of the array in memory). Fitted attributes (``weights_``, ``means_``, ...) are
+    numpy arrays after a fit on numpy data, else tensors on the fitting device. Under
+    ``torchrun``, [`fit`][inference.GaussianMixtureEM.fit], ``fit_predict`` and
+    ``partial_fit`` take this process's shard; every process ends with the fit of them all.
 
     Args:
         n_components: number of components K.
-        covariance_type: ``"full"``, ``"tied"``, ``"diag"``, ``"spherical"``, or
+        covariance_type: ``"full"``, ``"tied"``, ``"diag"``, ``"spherical"`` or
             ``"constant"`` (every component ``constant_variance * I``, not estimated).
         tol: convergence threshold on the change of the mean log-likelihood.
         reg_covar: added to the diagonal of the covariances (keeps them positive definite).
         max_iter: EM iterations per initialization.
         n_init: initializations; the one with the best lower bound is kept.
         init_params: ``"kmeans"``, ``"k-means++"``, ``"random"`` or ``"random_from_data"``.
-        weights_init (numpy.ndarray | torch.Tensor | None): user-given initial weights (K,).
-            User-given initial parameters override what ``init_params`` computes.
-        means_init (numpy.ndarray | torch.Tensor | None): user-given initial means (K, d).
-        precisions_init (numpy.ndarray | torch.Tensor | None): user-given initial precisions,
-            of scikit-learn's shape per family: (K, d, d), (d, d), (K, d), (K,).
-        random_state (int | numpy.random.RandomState | None): None, an int, or a
-            ``numpy.random.RandomState``.
-        warm_start: reuse the last solution as the start of the next ``fit``.
+        weights_init (numpy.ndarray | torch.Tensor | None): initial weights (K,).
+        means_init (numpy.ndarray | torch.Tensor | None): initial means (K, d).
+        precisions_init (numpy.ndarray | torch.Tensor | None): scikit-learn's, per family.
+        random_state (int | numpy.random.RandomState | None): seed (None: rank 0's seed).
+        warm_start: start the next ``fit`` from the last solution.
         verbose: 0 silent; 1 shows a progress bar per initialization.
         constant_variance: the fixed variance of the ``"constant"`` family.
-        chunk_size: rows per E-step chunk (memory bound; results do not depend on it).
-            None: about ``2**25 / (K * d)`` rows for ``full``, ``2**25 / (K + d)`` otherwise.
-        learning_decay: ``decay`` in the step sizes ``(t + offset) ** -decay`` of the
-            stepwise EM in [`partial_fit`][inference.GaussianMixtureEM.partial_fit] (in
-            (0.5, 1]).
+        chunk_size: rows per E-step chunk (memory; not results); None: sized to the device.
+        learning_decay: ``decay`` in (0.5, 1] of the steps ``(t + offset) ** -decay`` of
+            [`partial_fit`][inference.GaussianMixtureEM.partial_fit].
         learning_offset: ``offset`` in those step sizes.
-        device (torch.device | str | None): where to fit; None: the input tensor's device
-            (numpy input: CPU).
-        dtype (torch.dtype | str | None): ``torch.float32`` or ``torch.float64`` (or their
-            names); None: the input's floating dtype (other dtypes become float64).
+        device (torch.device | str | None): where to fit; None: the input's device (or CPU).
+        dtype (torch.dtype | str | None): float32 or float64; None: the input's float dtype.
 
-    Fitted attributes: ``weights_``, ``means_``, ``covariances_``, ``precisions_``,
-    ``precisions_cholesky_``, ``converged_``, ``n_iter_``, ``lower_bound_``,
-    ``lower_bounds_``, ``n_features_in_``. They are numpy arrays when the fit data was a
-    numpy array and tensors on the fitting device when it was a tensor; other methods
-    return the type of their input.
-
-    Memory-mapped data: a ``numpy.memmap`` (``np.load(path, mmap_mode="r")``,
-    ``np.memmap(path, dtype, "r", shape=...)``) is never loaded whole. Every pass (the data
-    mean, each EM iteration, ``score``/``predict``) reads blocks of whole chunks (8 MiB),
-    checks their values (NaN or inf: ValueError), and drops the file's pages it read from
-    the process's mapping (the kernel's page cache keeps them), so the resident memory does
-    not grow with the file: a 10,000,000 x 64 float32 memmap (2.4 GiB) is fitted (K=64,
-    diag) at a peak RSS of 0.7 GiB, most of it the Python process itself (README). The
-    initialization reads at most 100,000 random rows. The results are those of the same
-    array in memory, bit for bit. A copy-on-write memmap (``mode="c"``) is read without
-    dropping pages (its changes exist only in this process's pages). ``predict``,
-    ``score_samples`` and ``predict_proba`` return (N,) and (N, K) arrays in memory.
-
-    Data-parallel fitting: under ``torchrun`` (a `torch.distributed` process group is
-    initialized), [`fit`][inference.GaussianMixtureEM.fit],
-    [`fit_predict`][inference.GaussianMixtureEM.fit_predict] and
-    [`partial_fit`][inference.GaussianMixtureEM.partial_fit] take this process's shard of
-    the data (a tensor on its device, or its slice of a ``numpy.memmap``; the shards in rank
-    order are the data set) and every process ends with the same fit: that of the
-    concatenated data in one process, up to rounding. The sums of the E-steps, of the
-    initialization (data mean, k-means, k-means++, random draws) and the convergence test
-    are shared by [`all_reduce_sum`][inference.em.distributed.all_reduce_sum]; every
-    process must call the method with the same parameters, and ``random_state=None`` takes
-    rank 0's seed. Other methods act on this process's data only.
-
-    Errors: ValueError for invalid parameters (naming the parameter), NaN/inf or
-    non-2-D data, fewer points than components, and a covariance that is not positive
-    definite (increase ``reg_covar``); ``sklearn.exceptions.NotFittedError`` before fit.
-    Under a process group, shards of different widths or dtypes, or an invalid shard, give
-    a ValueError on every process (a process that stops elsewhere leaves the others waiting
-    until the group's timeout).
+    Raises:
+        ValueError: an invalid parameter (named), NaN/inf or non-2-D data, fewer points than
+            components, a covariance not positive definite (increase ``reg_covar``); under a
+            process group a bad shard raises on every process.
     """
 
     def __init__(
@@ -397,7 +204,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         return dtype
 
-    def _validate(self, X, *, reset: bool, min_rows: int = 1) -> _Data:
+    def _validate(self, X, *, reset: bool, min_rows: int = 1) -> ChunkedData:
         """Check ``X`` and wrap it for the fitting device and dtype."""
         if reset or not self.__sklearn_is_fitted__():
             device = torch.device(self.device) if self.device is not None else None
@@ -431,9 +238,9 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         if isinstance(values, Tensor) or isinstance(X, np.memmap):
             self._check_n_features(values.shape[1], reset)
         dtype = fitted_dtype or self._torch_dtype(default)
-        return _Data(values, device or torch.device("cpu"), dtype, is_numpy)
+        return ChunkedData(values, device or torch.device("cpu"), dtype, is_numpy)
 
-    def _validate_shard(self, X, *, reset: bool, min_rows: int) -> _Data:
+    def _validate_shard(self, X, *, reset: bool, min_rows: int) -> ChunkedData:
         """``_validate`` for fitting: under a process group, every process's shard is
         checked together (same width and dtype), so that a bad shard raises a ValueError on
         every process instead of leaving the others waiting."""
@@ -529,7 +336,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     # ------------------------------------------------------------------ initialization
 
     def _initial_parameters(
-        self, data: _Data, shift: Tensor, generator: torch.Generator
+        self, data: ChunkedData, shift: Tensor, generator: torch.Generator
     ) -> GaussianMixtureParameters:
         """Parameters (of the data shifted by ``-shift``) from ``init_params``/``*_init``."""
         given = (self.weights_init, self.means_init, self.precisions_init)
@@ -538,9 +345,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
             k, d = self.n_components, data.dim
             like = torch.zeros((), dtype=data.dtype, device=data.device)
             return self._apply_user_init(
-                GaussianMixtureParameters(
-                    like.new_zeros(k), like.new_zeros(k, d), like, like
-                ),
+                GaussianMixtureParameters(like.new_zeros(k), like.new_zeros(k, d), like, like),
                 shift,
             )
         x = data.init_rows(MEMMAP_INIT_ROWS, generator) - shift
@@ -623,6 +428,12 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
     def fit(self, X, y=None) -> GaussianMixtureEM:
         """Fit by EM, ``n_init`` times from different starts, keep the best; returns self.
 
+        Under a process group ``X`` is this process's shard (the shards in rank order are
+        the data set). The sums of the E-steps, of the initialization and of the convergence
+        test go through [`all_reduce_sum`][inference.em.distributed.all_reduce_sum]: every
+        process must call ``fit`` with the same parameters (``random_state=None`` takes rank
+        0's seed). Methods other than the fits act on this process's data only.
+
         Args:
             X (numpy.ndarray | torch.Tensor): data (N, d): numpy array, torch tensor
                 (fitted on its device unless ``device`` is set) or ``numpy.memmap`` (read
@@ -641,7 +452,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         data = self._fit(X)
         return self._output(self._per_chunk(data, lambda log_joint: log_joint.argmax(-1)), data)
 
-    def _fit(self, X) -> _Data:
+    def _fit(self, X) -> ChunkedData:
         """``fit``; returns the validated data."""
         self._check_parameters()
         do_init = not (self.warm_start and self.__sklearn_is_fitted__())
@@ -752,7 +563,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
         for name, value in values.items():
             setattr(self, name, value.cpu().numpy() if as_numpy else value)
 
-    def _output(self, tensor: Tensor, data: _Data):
+    def _output(self, tensor: Tensor, data: ChunkedData):
         return tensor.cpu().numpy() if data.is_numpy else tensor
 
     def parameters(self) -> GaussianMixtureParameters:
@@ -773,7 +584,7 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
 
     # ----------------------------------------------------------------------- inference
 
-    def _per_chunk(self, data: _Data, reduce) -> Tensor:
+    def _per_chunk(self, data: ChunkedData, reduce) -> Tensor:
         """``reduce`` of the weighted log-densities (n, K) of every chunk, row by row.
 
         The (N, K) table of all the points is never held (unless ``reduce`` keeps it). The
@@ -792,10 +603,10 @@ class GaussianMixtureEM(DensityMixin, BaseEstimator):
             start += part.shape[0]
         return out
 
-    def _log_densities(self, data: _Data) -> Tensor:
+    def _log_densities(self, data: ChunkedData) -> Tensor:
         return self._per_chunk(data, lambda log_joint: torch.logsumexp(log_joint, -1))
 
-    def _prepare(self, X) -> _Data:
+    def _prepare(self, X) -> ChunkedData:
         check_is_fitted(self)
         return self._validate(X, reset=False)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import inference.em.estimator as estimator
+import inference.em.readers as readers
 from inference import GaussianMixtureEM
 from inference.em.families import chunk_statistics, m_step, second_order_features
 from inference.em.loop import centered_expectation, expectation, feature_chunks, run_em
@@ -119,7 +119,7 @@ NOT_CONVERGED = pytest.mark.filterwarnings("ignore::sklearn.exceptions.Convergen
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_memmap_gives_the_in_memory_results_bit_for_bit(tmp_path, monkeypatch, dtype, mode):
     # Blocks of 3 chunks of 37 rows, and a last block and chunk that are cut short.
-    monkeypatch.setattr(estimator, "READ_BYTES", 3 * 37 * 2 * np.dtype(dtype).itemsize + 5)
+    monkeypatch.setattr(readers, "READ_BYTES", 3 * 37 * 2 * np.dtype(dtype).itemsize + 5)
     x = three_clusters(1000)[0].astype(dtype)
     mapped = stored_memmap(x, tmp_path / "x.dat", mode)
     options = dict(covariance_type="diag", random_state=0, tol=0.0, max_iter=5, chunk_size=37)
@@ -136,7 +136,7 @@ def test_memmap_gives_the_in_memory_results_bit_for_bit(tmp_path, monkeypatch, d
 
 @NOT_CONVERGED
 def test_copy_on_write_memmap_is_fitted_with_its_changes_in_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(estimator, "READ_BYTES", 4096)
+    monkeypatch.setattr(readers, "READ_BYTES", 4096)
     x = three_clusters(3000)[0]
     mapped = stored_memmap(x, tmp_path / "x.dat", "c")
     mapped[::7] += 50.0  # in this process's pages only, not in the file
@@ -149,10 +149,10 @@ def test_copy_on_write_memmap_is_fitted_with_its_changes_in_memory(tmp_path, mon
 
 
 def test_memmap_initialization_rows_are_the_drawn_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(estimator, "READ_BYTES", 1000)  # blocks of 62 rows of 16 bytes
+    monkeypatch.setattr(readers, "READ_BYTES", 1000)  # blocks of 62 rows of 16 bytes
     x = three_clusters(2000)[0]
     mapped = stored_memmap(x, tmp_path / "x.dat")
-    data = estimator._Data(mapped, torch.device("cpu"), torch.float64, True)
+    data = readers.ChunkedData(mapped, torch.device("cpu"), torch.float64, True)
     rows = data.init_rows(300, torch.Generator().manual_seed(3))
     index = torch.randperm(2000, generator=torch.Generator().manual_seed(3))[:300].sort().values
     assert torch.equal(rows, torch.from_numpy(x)[index])

@@ -6,10 +6,9 @@ from inference.bayesian_gmm import (
     sample_bayesian_gmm_nuts,
 )
 from inference.density import fit_density
-from inference.diagnostics import PSISDiagnostic, psis_diagnostic
+from inference.diagnostics import PSISDiagnostic, psis_diagnostic, to_inference_data
 from inference.em import ExpertsEMRun, GaussianMixtureEM, em_pretrain, fit_experts_em
 from inference.flow_gmm import evaluate_flow_gmm, fit_flow_gmm
-from inference.inference_data import to_inference_data
 from inference.labels import LabelAlignment, align_labels
 from inference.svi import default_step_size, fit_svi
 from inference.svi.elbo import CWMELBO, unconstrained_log_joint

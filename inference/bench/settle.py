@@ -28,7 +28,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from inference.diagnostics import psis_diagnostic
+from inference.diagnostics.psis import psis_diagnostic
 from inference.svi import fit_svi
 from pyro_cwm.data.posteriors import tight_regression
 from pyro_cwm.data.targets import TARGETS

@@ -87,8 +87,8 @@ from pyro.infer.autoguide import (
 from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor
 
-from inference.diagnostics import psis_diagnostic
-from inference.metrics import energy_distance, marginal_errors
+from inference.diagnostics.metrics import energy_distance, marginal_errors
+from inference.diagnostics.psis import psis_diagnostic
 from inference.svi import fit_svi
 from inference.svi.elbo import CWMELBO, cwm_guides
 from pyro_cwm.data.posteriordb import POSTERIORS, load_reference_posterior

@@ -28,9 +28,9 @@ from pyro.infer.autoguide import AutoNormal
 
 from inference.cli.data_files import parse_device
 from inference.cli.errors import CLIError
-from inference.diagnostics import psis_diagnostic
-from inference.inference_data import to_inference_data
-from inference.metrics import energy_distance
+from inference.diagnostics.inference_data import to_inference_data
+from inference.diagnostics.metrics import energy_distance
+from inference.diagnostics.psis import psis_diagnostic
 from inference.svi import fit_svi
 from inference.svi.elbo import CWMELBO
 from pyro_cwm.data.targets import TARGETS

@@ -12,7 +12,7 @@ import torch
 from inference.cli.data_files import add_data_arguments, parse_device, read_data
 from inference.cli.errors import CLIError
 from inference.density import fit_density
-from inference.plots import plot_density
+from inference.diagnostics.plots import plot_density
 from pyro_cwm.nn.cwm import CWM
 from pyro_cwm.nn.maps import MAPS
 

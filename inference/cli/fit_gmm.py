@@ -20,9 +20,9 @@ from sklearn.exceptions import ConvergenceWarning
 
 from inference.cli.data_files import add_data_arguments, parse_device, read_data
 from inference.cli.errors import CLIError
+from inference.diagnostics.plots import plot_gaussian_mixture
 from inference.em.distributed import process_group_from_environment, rank_and_size, shard_bounds
 from inference.em.estimator import INIT_PARAMS, GaussianMixtureEM
-from inference.plots import plot_gaussian_mixture
 from pyro_cwm.distributions.gaussian_mixture import COVARIANCE_TYPES
 
 

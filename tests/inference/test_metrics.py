@@ -5,7 +5,12 @@ import pytest
 import torch
 from scipy import stats
 
-from inference.metrics import energy_distance, marginal_errors, mode_shares, worst_mode_share_error
+from inference.diagnostics.metrics import (
+    energy_distance,
+    marginal_errors,
+    mode_shares,
+    worst_mode_share_error,
+)
 
 
 def test_energy_distance_matches_scipy_in_one_dimension():

@@ -113,8 +113,16 @@ def plot_gaussian_mixture(
         for n_sd in (1, 2):
             width, height = 2 * n_sd * np.sqrt(np.maximum(values[::-1], 0))
             ax.add_patch(
-                Ellipse(means[k], width, height, angle=angle, fill=False, color="crimson",
-                        lw=1.5 / n_sd, alpha=0.9)
+                Ellipse(
+                    means[k],
+                    width,
+                    height,
+                    angle=angle,
+                    fill=False,
+                    color="crimson",
+                    lw=1.5 / n_sd,
+                    alpha=0.9,
+                )
             )
         ax.annotate(f"{weights[k]:.2f}", means[k], color="crimson", fontsize=8, ha="center")
     low, high = _limits(np.vstack([data, means]))

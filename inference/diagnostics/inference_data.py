@@ -169,5 +169,6 @@ def _pointwise_log_likelihood(model, samples, latent, observed, total, *args, **
 def _shares_enum_dim(term, log_p, nesting: int) -> bool:
     """Whether ``term`` varies along an enumeration dimension along which ``log_p`` varies."""
     left = min(term.dim(), log_p.dim()) - nesting - 1
-    return any(term.shape[-nesting - 2 - i] > 1 and log_p.shape[-nesting - 2 - i] > 1
-               for i in range(left))
+    return any(
+        term.shape[-nesting - 2 - i] > 1 and log_p.shape[-nesting - 2 - i] > 1 for i in range(left)
+    )

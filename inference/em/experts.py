@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from inference.em.distributed import (
     all_reduce_sum,
@@ -33,6 +32,7 @@ from inference.em.distributed import (
     shard_offset,
     shared_seed,
 )
+from inference.progress import Progress
 from pyro_cwm.models.point_sums import PointSums, point_sums, using_point_sums
 
 
@@ -90,10 +90,10 @@ def _experts_em_once(model, X: Tensor, Y: Tensor, *, bar_description: str) -> Ex
     hard = model.mode == "hard"
     previous = -math.inf
     best_bound, best_state, last_state = -math.inf, None, None
-    bar = tqdm(
+    bar = Progress(
         range(1, model.max_iter + 1),
-        desc=bar_description,
-        disable=not (model.progress and rank_and_size()[0] == 0),
+        bar_description,
+        enabled=model.progress and rank_and_size()[0] == 0,
         leave=False,
     )
     for n_iter in bar:

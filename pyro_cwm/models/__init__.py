@@ -2,18 +2,22 @@
 the mixture density network and FlowGMM."""
 
 from pyro_cwm.models.bayesian_gmm import BayesianGMM
-from pyro_cwm.models.experts import (
+from pyro_cwm.models.flow_gmm import FlowGMM
+from pyro_cwm.models.mdn import MixtureDensityNetwork
+from pyro_cwm.models.mixture_of_experts import (
     BayesianLinearExperts,
+    DirichletGate,
     Experts,
+    Gate,
+    MixtureOfExperts,
+    MixtureOfModels,
     ModuleExperts,
+    PerSampleDirichletGate,
     PriorMeanLink,
     PriorMeanRegularizer,
     PullPriorMeans,
+    SoftmaxGate,
 )
-from pyro_cwm.models.flow_gmm import FlowGMM
-from pyro_cwm.models.gates import DirichletGate, Gate, PerSampleDirichletGate, SoftmaxGate
-from pyro_cwm.models.mdn import MixtureDensityNetwork
-from pyro_cwm.models.mixture_of_experts import MixtureOfExperts, MixtureOfModels
 
 __all__ = [
     "BayesianGMM",

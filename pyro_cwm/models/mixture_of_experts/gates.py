@@ -1,9 +1,10 @@
-"""Gates of a mixture of experts: the weights ``pi_k(x)`` of the K experts.
+"""The gates of a mixture of experts: the weights ``pi_k(x)`` that mix the K experts.
 
-A gate answers what a variational EM loop asks of it (see [`Gate`][pyro_cwm.models.Gate]): the
-expected log weights ``E_q[log pi_nk]`` of the training points, its update from the
-responsibilities ``r`` (N, K), its term of the lower bound, and the weights it predicts
-for new points.
+The experts themselves are in ``mixture_of_experts.experts``, the model that combines them
+with a gate in ``mixture_of_experts.mixture``. A gate answers what a variational EM loop asks
+of it (see [`Gate`][pyro_cwm.models.Gate]): the expected log weights ``E_q[log pi_nk]`` of
+the training points, its update from the responsibilities ``r`` (N, K), its term of the
+lower bound, and the weights it predicts for new points.
 
 - [`DirichletGate`][pyro_cwm.models.DirichletGate]: constant weights ``pi ~ Dir(mu)`` with
   posterior ``Dir(mu + sum_n r_n)`` -- a mixture of models (the seed's
@@ -253,9 +254,9 @@ class PerSampleDirichletGate(Gate):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def initialize(self, X: Tensor) -> None:
-        self.concentration = (self.prior_concentration + 1.0 / self.num_experts).expand(
-            X.shape[0], -1
-        ).clone()
+        self.concentration = (
+            (self.prior_concentration + 1.0 / self.num_experts).expand(X.shape[0], -1).clone()
+        )
         self._average()
 
     def _average(self) -> None:

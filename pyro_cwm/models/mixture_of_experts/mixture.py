@@ -1,24 +1,11 @@
-"""Mixtures of experts and mixtures of models: K local regression models and a gate.
+"""The mixture that combines K experts and a gate into ``p(y | x)``.
 
-```text
-p(y | x) = sum_k pi_k(x) p(y | x, expert k)
-```
-
-The experts (``pyro_cwm.models.experts``) are Bayesian linear regressions by default; the
-gate (``pyro_cwm.models.gates``) is a softmax network of x (a mixture of experts), constant
-Dirichlet weights (a mixture of models,
-[`MixtureOfModels`][pyro_cwm.models.MixtureOfModels]) or a per-point Dirichlet. The
-variational EM lower bound, with ``q(z_n) = r_n``:
-
-```text
-L = sum_nk r_nk (E_q[log pi_nk] + E_q[log p(y_n | x_n, w_k)]) - sum_nk r_nk log r_nk
-    - sum_k KL(q(w_k) || p(w_k)) + gate term + regularizer penalty
-```
-
-is maximized by [`fit_experts_em`][inference.fit_experts_em] (``fit_experts_em(model, X, Y)``:
-the fitting lives in ``inference``, which imports ``pyro_cwm``, never the reverse);
-[`MixtureOfExperts.model`][pyro_cwm.models.MixtureOfExperts.model] writes the same model for
-Pyro, with the assignment enumerated so that ``TraceEnum_ELBO`` and ``NUTS`` sum it out.
+[`MixtureOfExperts`][pyro_cwm.models.MixtureOfExperts] holds an
+[`Experts`][pyro_cwm.models.Experts] module (``mixture_of_experts.experts``) and a
+[`Gate`][pyro_cwm.models.Gate] (``mixture_of_experts.gates``), predicts with them and writes
+them as one Pyro model; [`MixtureOfModels`][pyro_cwm.models.MixtureOfModels] is the one with
+constant Dirichlet weights; ``check_regression_data`` checks ``(X, Y)``. The model and its
+lower bound: [`pyro_cwm.models.mixture_of_experts`][pyro_cwm.models.mixture_of_experts].
 """
 
 from __future__ import annotations
@@ -32,8 +19,17 @@ import torch
 from pyro.ops.indexing import Vindex
 from torch import Tensor, nn
 
-from pyro_cwm.models.experts import BayesianLinearExperts, Experts, PriorMeanRegularizer
-from pyro_cwm.models.gates import DirichletGate, Gate, PerSampleDirichletGate, SoftmaxGate
+from pyro_cwm.models.mixture_of_experts.experts import (
+    BayesianLinearExperts,
+    Experts,
+    PriorMeanRegularizer,
+)
+from pyro_cwm.models.mixture_of_experts.gates import (
+    DirichletGate,
+    Gate,
+    PerSampleDirichletGate,
+    SoftmaxGate,
+)
 from pyro_cwm.models.point_sums import point_sums
 from pyro_cwm.nn.checks import check_positive_int
 
@@ -103,11 +99,9 @@ class MixtureOfExperts(nn.Module):
 
     ``p(y | x) = sum_k pi_k(x) N(y | x^T w_k, 1/beta_k)`` with ``w_k ~ N(w0_k, A_k)`` for
     the default Bayesian linear experts. Fit with
-    [`fit_experts_em(model, X, Y)`][inference.fit_experts_em], then
-    [`predict`][pyro_cwm.models.MixtureOfExperts.predict],
-    [`predict_distribution`][pyro_cwm.models.MixtureOfExperts.predict_distribution],
-    [`score`][pyro_cwm.models.MixtureOfExperts.score];
-    [`model`][pyro_cwm.models.MixtureOfExperts.model] is the Pyro model.
+    [`fit_experts_em(model, X, Y)`][inference.fit_experts_em], then use ``predict``,
+    ``predict_distribution`` and ``score``; [`model`][pyro_cwm.models.MixtureOfExperts.model]
+    is the Pyro model.
 
     Args:
         num_experts: K >= 1.
@@ -121,20 +115,18 @@ class MixtureOfExperts(nn.Module):
         regularizer: a [`PriorMeanRegularizer`][pyro_cwm.models.PriorMeanRegularizer] coupling the
             linear experts' prior means (its M-step then updates the prior means).
         hidden_dims: hidden widths of the softmax gate.
-        concentration: the Dirichlet gates' ``mu`` (default 1 for ``"dirichlet"``, 0.5 for
-            ``"per_sample"``).
+        concentration: the Dirichlet gates' ``mu`` (default 1, or 0.5 for ``"per_sample"``).
         prior_cov: ``prior_cov`` of the default experts.
         noise_precision: ``noise_precision`` of the default experts.
         optimize: ``optimize`` of the default experts.
-        mode: ``"soft"`` (responsibility-weighted EM, the default; its lower bound never
-            decreases) or ``"hard"`` (stochastic EM: each point is given to one expert drawn
-            from its responsibilities, the seed's ``"sample"`` mode; the state with the best
-            bound is kept).
+        mode: ``"soft"`` (responsibility-weighted EM; its lower bound never decreases) or
+            ``"hard"`` (stochastic EM: each point goes to one expert drawn from its
+            responsibilities, the seed's ``"sample"`` mode; the best state is kept).
         max_iter: EM iterations per start.
         tol: stop when the lower bound per point changes by less than this (soft mode).
         n_init: random starts; the one with the best final bound is kept.
         seed: seed of the random starts (``None``: torch's global RNG).
-        progress: show a tqdm bar.
+        progress: show a progress bar (one summary line where the output is a log).
 
     Attributes after [`fit_experts_em`][inference.fit_experts_em]: ``history_`` (dict with
     lists ``"lower_bound"`` and ``"log_likelihood"``, per point and iteration, of the best
@@ -331,9 +323,7 @@ class MixtureOfExperts(nn.Module):
         data = pyro.plate("data", N, dim=-1)
         probs = self.gate.pyro_weights(X, data)
         with data:
-            z = pyro.sample(
-                "assignment", dist.Categorical(probs), infer={"enumerate": "parallel"}
-            )
+            z = pyro.sample("assignment", dist.Categorical(probs), infer={"enumerate": "parallel"})
             loc = Vindex(means.T)[z, torch.arange(N, device=X.device)]
             return pyro.sample("obs", dist.Normal(loc, scales[z]), obs=Y)
 

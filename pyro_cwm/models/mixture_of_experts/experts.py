@@ -1,11 +1,12 @@
-"""Local models (experts) of a mixture of experts, and regularizers of their prior means.
+"""The experts of a mixture of experts: K local regression models ``p(y | x, expert k)``.
 
 Every expert family is one module holding all K experts, batched over a leading expert
 dimension, and answers the questions a variational EM loop asks of it (see
 [`Experts`][pyro_cwm.models.Experts]): the expected log-likelihood of every point under
 every expert, the update of the experts' parameters from responsibility-weighted data (the
 "E-step" of the parameters), the update of their hyperparameters (the M-step), and their
-term of the lower bound. Two families:
+term of the lower bound. The gate that weights them is in ``mixture_of_experts.gates``, the
+model that combines both in ``mixture_of_experts.mixture``. Two families:
 
 - [`BayesianLinearExperts`][pyro_cwm.models.BayesianLinearExperts]: ``y = x^T w_k + eps``,
   ``eps ~ N(0, 1/beta_k)``, prior ``w_k ~ N(w0_k, A_k)``. With responsibilities ``r_nk`` the
@@ -140,7 +141,7 @@ class BayesianLinearExperts(Experts):
 
     Prior ``w_k ~ N(w0_k, A_k)``; the variational posterior ``q(w_k) = N(m_k, B_k)`` is the
     closed-form Gaussian posterior from the responsibility-weighted data (see
-    [the module documentation][pyro_cwm.models.experts]).
+    [the module documentation][pyro_cwm.models.mixture_of_experts.experts]).
     No intercept is added: append a column of ones to ``X`` for one.
 
     Args:
@@ -190,8 +191,10 @@ class BayesianLinearExperts(Experts):
                 f"optimize must be a subset of {HYPERPARAMETERS}, got {sorted(unknown)}"
             )
         w0 = torch.as_tensor(prior_mean, dtype=dtype)
-        if w0.dim() > 2 or (w0.dim() >= 1 and w0.shape[-1] != d) or (
-            w0.dim() == 2 and w0.shape[0] != K
+        if (
+            w0.dim() > 2
+            or (w0.dim() >= 1 and w0.shape[-1] != d)
+            or (w0.dim() == 2 and w0.shape[0] != K)
         ):
             raise ValueError(
                 f"prior_mean must be a float or have shape ({d},) or ({K}, {d}), "
@@ -265,10 +268,12 @@ class BayesianLinearExperts(Experts):
         """Closed-form Gaussian posterior of every expert from the weighted data."""
         beta = self.noise_precision
         prior_precision, _ = _inverse_and_logdet(self.prior_cov)
-        sxx, sxy = point_sums().total([
-            torch.einsum("nk,ni,nj->kij", weights, X, X),
-            torch.einsum("nk,ni,n->ki", weights, X, Y),
-        ])
+        sxx, sxy = point_sums().total(
+            [
+                torch.einsum("nk,ni,nj->kij", weights, X, X),
+                torch.einsum("nk,ni,n->ki", weights, X, Y),
+            ]
+        )
         precision = prior_precision + beta[:, None, None] * sxx
         precision = 0.5 * (precision + precision.mT)
         rhs = (prior_precision @ self.prior_mean.unsqueeze(-1)).squeeze(-1) + beta[:, None] * sxy
@@ -294,11 +299,13 @@ class BayesianLinearExperts(Experts):
         if "noise" in self.optimize:
             sums = point_sums()
             residual = Y.unsqueeze(-1) - X @ self.post_mean.T
-            mass, sq, y2 = sums.total([
-                weights.sum(0),
-                (weights * (residual.square() + self._quadratic(X))).sum(0),
-                Y.square().sum(),
-            ])
+            mass, sq, y2 = sums.total(
+                [
+                    weights.sum(0),
+                    (weights * (residual.square() + self._quadratic(X))).sum(0),
+                    Y.square().sum(),
+                ]
+            )
             floor = 1e-10 * (1.0 + y2 / sums.count(X.shape[0]))
             variance = (sq / mass.clamp_min(1e-30)).clamp_min(floor)
             # An expert without data keeps its noise level.
@@ -445,11 +452,13 @@ class ModuleExperts(Experts):
         """``sigma_k^2 = sum_n r_nk (y_n - f_k(x_n))^2 / sum_n r_nk``."""
         with torch.no_grad():
             sums = point_sums()
-            mass, sq, y2 = sums.total([
-                weights.sum(0),
-                (weights * (Y.unsqueeze(-1) - self._means(X)).square()).sum(0),
-                Y.square().sum(),
-            ])
+            mass, sq, y2 = sums.total(
+                [
+                    weights.sum(0),
+                    (weights * (Y.unsqueeze(-1) - self._means(X)).square()).sum(0),
+                    Y.square().sum(),
+                ]
+            )
             floor = 1e-10 * (1.0 + y2 / sums.count(X.shape[0]))
             scale = (sq / mass.clamp_min(1e-30)).clamp_min(floor).sqrt()
             self.noise_scale.copy_(torch.where(mass > 1e-8, scale, self.noise_scale))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +29,9 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer import MCMC, NUTS, TraceEnum_ELBO, infer_discrete
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from inference.em.kmeans import kmeans
+from inference.progress import Progress, emit, interactive
 from inference.svi import fit_svi
 from pyro_cwm.models.bayesian_gmm import BayesianGMM
 from pyro_cwm.nn.checks import check_positive_int
@@ -178,7 +179,7 @@ def fit_bayesian_gmm_svi(
             [`bayesian_gmm_init`][inference.bayesian_gmm.bayesian_gmm_init]).
         init_scale: initial standard deviation of ``AutoNormal``.
         seed: seed of the initialization and of the ELBO's draws (None: the global RNG).
-        progress: show a progress bar.
+        progress: show progress (a bar when interactive, else one summary line).
         **options (Any): passed to [`fit_svi`][inference.fit_svi] (``patience``, ``checkpoint``,
             ...).
 
@@ -276,6 +277,7 @@ def sample_bayesian_gmm_nuts(
         raise ValueError(f"init has {len(init)} entries for num_chains={num_chains}")
     runs, inits, divergences = [], [], []
     chains: dict[str, list[Tensor]] = {name: [] for name in model.global_sites}
+    show_bar, started = progress and interactive(), time.perf_counter()
     for chain in range(num_chains):
         chain_seed = None if seed is None else seed + chain
         chain_init = init[chain] if isinstance(init, (list, tuple)) else init
@@ -294,7 +296,7 @@ def sample_bayesian_gmm_nuts(
                 kernel,
                 num_samples=num_samples,
                 warmup_steps=warmup_steps,
-                disable_progbar=not progress,
+                disable_progbar=not show_bar,
             )
             with warnings.catch_warnings():
                 # Pyro's jit_compile uses torch.jit.trace, which torch now flags as deprecated.
@@ -309,6 +311,11 @@ def sample_bayesian_gmm_nuts(
         inits.append(values)
         divergences.append(len(mcmc.diagnostics()["divergences"]["chain 0"]))
     samples = {name: torch.stack(value) for name, value in chains.items()}
+    if progress and not show_bar:  # Pyro's bar would write a line per refresh into a log
+        emit(
+            f"sample_bayesian_gmm_nuts: {num_chains} chains in {time.perf_counter() - started:.1f}"
+            f" s, samples {num_samples}, divergences {sum(divergences)}"
+        )
     return BayesianGMMNUTSRun(samples, runs, inits, divergences)
 
 
@@ -441,7 +448,7 @@ def fit_bayesian_gmm_map_em(
         max_iter: maximum number of iterations.
         tol: stop when the increase of the log posterior is below ``tol * (1 + |value|)``.
         m_step_iters: L-BFGS iterations per M-step (full covariance only).
-        progress: show a progress bar.
+        progress: show progress (a bar when interactive, else one summary line).
 
     Raises:
         ValueError: for bad data or options, or a Dirichlet concentration below 1 (the
@@ -471,7 +478,7 @@ def fit_bayesian_gmm_map_em(
         if not math.isfinite(history[0]):
             raise FloatingPointError("the log posterior at the initial values is not finite")
         converged = False
-        bar = tqdm(range(max_iter), desc="MAP-EM", disable=not progress)
+        bar = Progress(range(max_iter), "MAP-EM", enabled=progress)
         iteration = 0
         for iteration in bar:  # noqa: B007 (used after the loop)
             resp = model.responsibilities(data, params)  # (N, K)

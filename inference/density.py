@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from inference.em.pretrain import em_pretrain
+from inference.progress import Progress
 from inference.svi.checkpoint import load_checkpoint, save_checkpoint
 from inference.validation import as_data_tensor
 from pyro_cwm.nn.checks import check_positive_int
@@ -70,64 +70,44 @@ def fit_density(
 ) -> dict[str, Any]:
     """Fit ``model`` to ``data`` by maximum likelihood with minibatch Adam.
 
+    For a CWM: start from the EM-fitted diagonal Gaussian mixture, then train maps and
+    classifier together, the classifier at a ten times larger learning rate (its logits must
+    grow from zero to steep slopes, and Adam moves a weight by about ``lr`` per step).
+
     Args:
-        model (torch.nn.Module): a [`CWM`][pyro_cwm.nn.CWM] (conditional if ``context`` is
-            given), or any module that returns a distribution when called, ``model()`` or
-            ``model(context)`` (a zuko flow, say). It is moved to the device and floating
-            dtype of ``data`` when ``data`` is a tensor.
-        data (torch.Tensor | numpy.ndarray): points, shape (N, d); numpy arrays take the
-            model's dtype and device.
-        context (torch.Tensor | numpy.ndarray | None): for a conditional model, the
-            contexts, shape (N, context_dim).
+        model (torch.nn.Module): a [`CWM`][pyro_cwm.nn.CWM] (conditional with ``context``) or any
+            module whose call returns a distribution; moved to the device and dtype of ``data``.
+        data (torch.Tensor | numpy.ndarray): points, shape (N, d); numpy: in the model's dtype.
+        context (torch.Tensor | numpy.ndarray | None): contexts, shape (N, context_dim).
         epochs: maximum number of passes over the training data.
         batch_size: minibatch size.
         lr: Adam's learning rate.
-        classifier_lr: Adam's learning rate of a CWM's classifier (the parameters under
-            ``model.classifier``); by default ``10 * lr``. See the recipe below.
+        classifier_lr: learning rate of a CWM's classifier (``model.classifier``; ``10 * lr``).
         weight_decay: Adam's weight decay.
-        validation: fraction of the data held out to measure the held-out NLL, used for
-            early stopping and to keep the best parameters (0 disables both).
+        validation: fraction of the data held out for early stopping and for keeping the best
+            parameters (0: neither).
         validation_data: ``(data,)`` or ``(data, context)`` held out instead of a fraction.
-        patience: stop when this many epochs (>= 1) have passed since the trained epoch
-            with the best held-out NLL (None: never). Counted from the best trained epoch,
-            not from the start, which stays a candidate for the kept parameters.
-        em_pretraining: start from a diagonal Gaussian mixture fitted by EM on the training
-            data (see [`em_pretrain`][inference.em_pretrain]), unless resuming. The default
-            does so for models that support it (those with ``set_gaussian_mixture``).
-        em_options: options of [`GaussianMixtureEM`][inference.GaussianMixtureEM] (diagonal family).
+        patience: stop when this many epochs (>= 1) have passed since the trained epoch with
+            the best held-out NLL (None: never).
+        em_pretraining: start from a diagonal Gaussian mixture fitted by EM unless resuming
+            ([`em_pretrain`][inference.em_pretrain]); default: if the model supports it.
+        em_options: options of [`GaussianMixtureEM`][inference.GaussianMixtureEM] (diagonal).
         grad_clip: clip the gradient norm to this value.
         seed: seed of the split, the shuffling and the EM initialization.
-        progress: show a tqdm progress bar.
-        checkpoint: path of a checkpoint written after every epoch; with ``resume``, a
-            run whose checkpoint exists continues from it.
-
-    The recipe for a CWM: start from the EM-fitted diagonal Gaussian mixture (the CWM with
-    a constant classifier: last layer zero, bias the EM log-weights), then train maps and
-    classifier together, the classifier with a ten times larger learning rate. From the
-    EM start the maps alone gain almost nothing (EM has already found the best Gaussian
-    mixture nearby): the gain is the classifier's. Its logits must grow from zero to the
-    steep slopes that cut a component's Gaussian into the pieces the data needs, and Adam
-    moves every weight by about ``lr`` per step whatever the gradient's size, so at the
-    maps' learning rate that takes thousands of steps. Measured from one EM start (K = 8,
-    5,000 points, 15 epochs of batch 256): on the rings toy the CWM gains 0.05 nats with
-    everything at 1e-3, 0.34 at 1e-2 and 0.42 with the maps at 3e-3 and the classifier at
-    3e-2; on pinwheel 0.22 at 1e-3, 0.26 at 3e-3 and 0.29 at 1e-2. A small random instead
-    of a zero last layer changes nothing (at 3e-3: 0.26 on pinwheel, 0.21 on rings, against
-    0.26 and 0.22).
+        progress: show progress: a bar when interactive, else one summary line.
+        checkpoint: path of a checkpoint written after every epoch.
+        resume: continue from ``checkpoint`` when it exists.
 
     Returns:
-        The history: ``train_nll`` and ``val_nll`` per epoch (mean NLL per point),
-        ``best_epoch`` (0-based; -1 when no epoch improved on the starting parameters),
-        ``best_val_nll``, ``start_val_nll`` (the held-out NLL before the first epoch;
-        only with held-out data),
-        ``stopped_early``, ``epochs``, ``em_log_likelihood`` (empty if no EM) and
-        ``time_s``. With held-out data the model ends with the parameters of the best
-        epoch, or of the start (after EM pretraining) if no epoch beat it.
+        The history: ``train_nll``, ``val_nll`` (mean NLL per point and epoch), ``best_epoch``
+        (-1: the start), ``best_val_nll``, ``start_val_nll``, ``stopped_early``, ``epochs``,
+        ``em_log_likelihood`` and ``time_s``. With held-out data the model ends with the
+        parameters of the best epoch, or of the start if no epoch beat it.
 
     Raises:
         ValueError, TypeError: for bad data, context or options.
-        FloatingPointError: if the loss or its gradient stops being finite; the model
-            keeps the parameters of the last finite step.
+        FloatingPointError: if the loss or its gradient stops being finite; the model keeps
+            the parameters of the last finite step.
     """
     dim, context_dim = getattr(model, "dim", None), getattr(model, "context_dim", None)
     can_em = hasattr(model, "set_gaussian_mixture")
@@ -211,16 +191,15 @@ def fit_density(
 
     n = train_x.shape[0]
     started = time.perf_counter() - history["time_s"]
-    bar = tqdm(
-        range(start_epoch, epochs),
-        desc="fit_density",
-        disable=not progress,
+    bar = Progress(
+        range(start_epoch, start_epoch if history["stopped_early"] else epochs),
+        "fit_density",
+        enabled=progress,
+        unit="epochs",
         initial=start_epoch,
         total=epochs,
     )
     for epoch in bar:
-        if history["stopped_early"]:
-            break
         model.train()
         perm = torch.randperm(n, generator=generator).to(data.device)
         total = torch.zeros((), dtype=param.dtype, device=param.device)
@@ -275,6 +254,8 @@ def fit_density(
                     "epoch": epoch + 1,
                 },
             )
+        if history["stopped_early"]:
+            break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from inference.progress import Progress
 from pyro_cwm.models.flow_gmm import FlowGMM
 from pyro_cwm.nn.checks import check_positive_int
 
@@ -89,7 +89,7 @@ def fit_flow_gmm(
         validation: ``(x_val, y_val)``; the model keeps the epoch with the best validation
             accuracy (ties: lower ``-log p(x, y)``).
         seed: seed of the shuffling and of ``preprocess``'s noise.
-        progress: show a tqdm bar with the loss.
+        progress: show progress: a bar with the loss when interactive, else a summary line.
 
     Returns:
         History: ``loss`` per epoch, ``val_accuracy``, ``val_nll_joint`` (with
@@ -122,11 +122,16 @@ def fit_flow_gmm(
     u_batch = math.ceil(n_u / steps) if n_u else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    history: dict[str, Any] = {"loss": [], "val_accuracy": [], "val_nll_joint": [],
-                               "best_epoch": None, "time_s": 0.0}
+    history: dict[str, Any] = {
+        "loss": [],
+        "val_accuracy": [],
+        "val_nll_joint": [],
+        "best_epoch": None,
+        "time_s": 0.0,
+    }
     best_key, best_state = None, None
     started = time.perf_counter()
-    bar = tqdm(range(epochs), desc="fit_flow_gmm", disable=not progress)
+    bar = Progress(range(epochs), "fit_flow_gmm", enabled=progress, unit="epochs")
     for epoch in bar:
         model.train()
         order = torch.randperm(n_l, generator=generator).to(x.device)
@@ -167,6 +172,7 @@ def fit_flow_gmm(
                 history["best_epoch"] = epoch
             postfix["val_acc"] = f"{scores['accuracy']:.3f}"
         bar.set_postfix(postfix)
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     history["time_s"] = time.perf_counter() - started

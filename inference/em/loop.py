@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from inference.em.distributed import all_reduce_sum
 from inference.em.estep import EStep, origin_is_accurate, origin_log_joint, responsibilities_
@@ -29,6 +28,7 @@ from inference.em.families import (
     m_step,
     second_order_features,
 )
+from inference.progress import Progress
 
 
 def weighted_log_probs(
@@ -162,7 +162,8 @@ def run_em(
         reg_covar: added to the diagonal of every covariance in the M-step.
         constant_variance: the fixed variance of the ``constant`` family.
         lower_bound: the previous lower bound (warm start), for the first change.
-        progress: show a tqdm bar with the lower bound.
+        progress: show progress: a bar with the lower bound when interactive, else a
+            summary line.
         centered: True: the centered scheme (``centered_expectation``); False: moments
             about the origin (``inference.em.estep.EStep``, the fast one); None: at every
             iteration the fast one where ``origin_is_accurate`` for the parameters (in
@@ -174,7 +175,7 @@ def run_em(
     """
     run = EMRun(params)
     e_step = EStep(kind)
-    bar = tqdm(range(1, max_iter + 1), desc=description, disable=not progress, leave=False)
+    bar = Progress(range(1, max_iter + 1), description, enabled=progress, leave=False)
     for n_iter in bar:
         # The same parameters everywhere, so every process picks the same scheme.
         if centered or (centered is None and not origin_is_accurate(run.params, kind)):

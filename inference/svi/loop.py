@@ -16,9 +16,9 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import zero_grads
-from tqdm.auto import tqdm
 
 from inference.em.distributed import all_reduce_sum, is_distributed, rank_and_size
+from inference.progress import Progress
 from inference.svi.checkpoint import load_checkpoint, save_checkpoint
 from inference.svi.data_parallel import (
     ShardedSubsample,
@@ -141,78 +141,44 @@ def fit_svi(
 ) -> dict[str, Any]:
     """Run SVI of ``guide`` against ``model(*args, **kwargs)`` and return the history.
 
+    Under ``torchrun`` (an initialized process group) the same call runs data-parallel, see
+    [`inference.svi.data_parallel`][inference.svi.data_parallel].
+
     Args:
         model (Callable): a Pyro model.
         guide (Callable): its guide (an AutoCWM, any autoguide, or a callable).
-        loss (pyro.infer.ELBO | None): the ELBO; default [`CWMELBO`][inference.CWMELBO] for a
-            guide with AutoCWM parts (an AutoCWM, or an ``AutoGuideList`` holding one);
-            for other guides ``TraceEnum_ELBO`` where the model marks sites for
-            enumeration (``config_enumerate``, hidden from the guide), ``Trace_ELBO``
-            otherwise.
+        *args (Any): positional arguments of the model and the guide.
+        loss (pyro.infer.ELBO | None): default [`CWMELBO`][inference.CWMELBO] for a guide with
+            AutoCWM parts, else ``TraceEnum_ELBO`` if the model enumerates sites, or ``Trace_ELBO``.
         num_steps: maximum number of steps.
-        optim: a Pyro optimizer. The default, ``pyro.optim.ClippedAdam`` (gradient norms
-            clipped at 10) with the step size of
-            [`default_step_size`][inference.default_step_size] (0.01 for the first
-            half of ``num_steps``, then decaying to 0.001), lets the fit settle: a constant
-            step leaves the parameters jittering around the optimum at a distance set by
-            the step, which on a tight posterior is many posterior sds. A learning-rate
-            schedule (``pyro.optim.PyroLRScheduler``, e.g. ``pyro.optim.LambdaLR``) is
-            stepped once per SVI step.
-        device: move tensor arguments there (e.g. ``"cuda"``); by default they stay where
-            they are. When the first tensor argument is on an accelerator, the model
-            runs under ``torch.device`` of it, and so does the guide's first run, which
-            creates its parameters: a model whose priors are written with Python numbers
-            (``dist.Normal(0.0, 5.0)``) trains there unchanged.
-        progress: show a tqdm bar with the running loss.
-        patience: stop when the smoothed loss has not improved by ``min_delta`` for this
-            many steps (None: never stop early).
-        smoothing: weight of the past in the smoothed loss, an exponential moving average
-            with bias correction (0 <= smoothing < 1).
-        min_delta: the improvement of the smoothed loss that counts for ``patience``.
-        keep_best: at the end (or when stopping early), restore the parameters of the
-            step with the best smoothed loss, counted from step ``1 / (1 - smoothing)`` on
-            (as Keras's ``restore_best_weights``). Off by default: with the default
-            decaying step size the last parameters are the settled ones, while the
-            minimum of a noisy smoothed loss is biased low by its noise and can point at
-            worse parameters.
-        average_tail: average the parameters over this last fraction of ``num_steps``
-            (Polyak-Ruppert tail averaging, 0 <= average_tail < 1) and end with the
-            average. Off by default. With minibatches (a plate with ``subsample_size``)
-            every iterate lies a random distance from the optimum, and the average of
-            many can lie closer: on the bench's logistic regression (20,000 points, 1,000
-            per step, 3,000 steps, seeds 0-3) 0.25 took AutoNormal's worst mean error
-            from 0.46-0.85 to 0.21-0.32 posterior sds and AutoMVN's energy distance from
-            0.06-0.14 to 0.02-0.16, and left AutoCWM's about where it was; on the
-            hierarchical model (local latents in a subsampled plate, a guide list) it
-            made AutoMVN's and AutoCWM's energy distance worse on all four seeds. Ignored
-            when ``keep_best`` restores a step or the run stops before the tail begins.
-        checkpoint: path of a checkpoint (parameters, the guide's buffers, optimizer state,
-            RNG state and history) written every ``checkpoint_every`` steps and at the end
-            (before the best parameters are restored); with ``resume``, an existing
-            checkpoint is continued. Under a process group only rank 0 writes it, and
-            every process resumes from it, whatever the number of processes that wrote it.
-
-    Data-parallel SVI: under ``torchrun``, once a `torch.distributed` process group of
-    several processes is initialized (gloo on CPU; NCCL on GPUs, one device per process),
-    the same call runs data-parallel: each process draws its minibatch of every
-    subsampled plate (``pyro.plate(name, N, subsample_size=B)``) from its own share of the
-    N rows, the gradients and the loss are averaged over the processes after every step,
-    and all processes start from rank 0's seed and parameters, so they end with the same
-    parameters and history. See [`inference.svi.data_parallel`][inference.svi.data_parallel]
-    for what is shared and how the minibatches are scaled.
+        optim: a Pyro optimizer (a ``PyroLRScheduler`` is stepped once per step); default
+            ``ClippedAdam`` (clip_norm 10) at [`default_step_size`][inference.default_step_size].
+        device: move tensor arguments there (e.g. ``"cuda"``). On an accelerator the model runs
+            under ``torch.device`` of the data, so priors written with Python numbers work.
+        progress: show progress: a bar with the loss when interactive, else one summary line.
+        patience: stop after this many steps without a ``min_delta`` gain (None: never).
+        smoothing: weight of the past in the smoothed loss (bias-corrected EMA, in [0, 1)).
+        min_delta: the gain of the smoothed loss that counts for ``patience``.
+        keep_best: end with the parameters of the best smoothed loss (off by default: with the
+            decaying step size the last parameters are the settled ones).
+        average_tail: end with the parameters averaged over this last fraction of the steps
+            (Polyak-Ruppert, in [0, 1); ignored when ``keep_best`` restores a step).
+        checkpoint: path of a checkpoint written every ``checkpoint_every`` steps and at the
+            end (under a process group by rank 0 only).
+        checkpoint_every: number of steps between checkpoints.
+        resume: continue from ``checkpoint`` when it exists (every process reads it).
+        **kwargs (Any): keyword arguments of the model and the guide.
 
     Returns:
-        ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool,
-        "time_s": seconds, "best_step": step, "best_smoothed_loss": value,
-        "restored_best": bool, "averaged_steps": n}`` (the steps whose parameters were
-        averaged; 0 when the last step's are kept).
+        ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool, "time_s":
+        seconds, "best_step": step, "best_smoothed_loss": value, "restored_best": bool,
+        "averaged_steps": n}`` (``averaged_steps``: 0 when the last step's parameters are kept).
 
     Raises:
         FloatingPointError: when the loss or a gradient is not finite; the parameters are
-            those of the last finite step (the failing step is not applied).
-        ValueError: for bad options; under a process group, on every process, when the
-            processes' parameters differ or a plate's ``subsample_size`` exceeds a
-            process's share of its rows.
+            those of the last finite step.
+        ValueError: for bad options; under a process group, when the processes' parameters
+            differ or a plate's ``subsample_size`` exceeds a process's share of its rows.
     """
     check_positive_int("num_steps", num_steps)
     check_positive_int("checkpoint_every", checkpoint_every)
@@ -306,16 +272,15 @@ def fit_svi(
 
     burn_in = math.ceil(1 / (1 - smoothing)) if smoothing > 0 else 0
     started = time.perf_counter() - history["time_s"]
-    bar = tqdm(
-        range(history["steps"], num_steps),
-        desc="fit_svi",
-        disable=not progress or rank_and_size()[0] != 0,
+    bar = Progress(
+        range(history["steps"], history["steps"] if history["stopped_early"] else num_steps),
+        "fit_svi",
+        enabled=progress and rank_and_size()[0] == 0,
+        unit="steps",
         initial=history["steps"],
         total=num_steps,
     )
     for step in bar:
-        if history["stopped_early"]:
-            break
         with poutine.trace(param_only=True) as capture, sharded(step):
             value = loss.loss_and_grads(model, guide, *args, **kwargs)
         named = parameters_by_name(capture.trace)
@@ -362,6 +327,8 @@ def fit_svi(
         history["time_s"] = time.perf_counter() - started
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
             save()
+        if history["stopped_early"]:
+            break
     bar.close()
     history["time_s"] = time.perf_counter() - started
     if checkpoint is not None:

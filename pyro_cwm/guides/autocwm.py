@@ -64,104 +64,44 @@ which ``map="auto"`` picks the autoregressive flow."""
 class AutoCWM(AutoContinuous):
     """A Classifier Weighted Mixture over all latent sites, packed into one vector.
 
-    Like ``AutoMultivariateNormal`` it packs the model's latent sites into one unconstrained
-    vector; the posterior of that vector is a
-    [`ClassifierWeightedMixture`][pyro_cwm.distributions.ClassifierWeightedMixture] with
-    ``num_components`` components. Fit it with [`CWMELBO`][inference.CWMELBO] or Pyro's
-    ``TraceEnum_ELBO``: the component choice is a guide site marked for parallel
-    enumeration (see [`sample_latent`][pyro_cwm.guides.AutoCWM.sample_latent]), so both
-    sum it out exactly; score-function ELBOs such as ``Trace_ELBO`` raise a TypeError that
-    says so (they would draw it).
+    As ``AutoMultivariateNormal`` it packs the latent sites into one unconstrained vector, whose
+    posterior is a
+    [`ClassifierWeightedMixture`][pyro_cwm.distributions.ClassifierWeightedMixture]. Train it
+    with [`CWMELBO`][inference.CWMELBO] or ``TraceEnum_ELBO``, which sum out the component
+    choice ([`sample_latent`][pyro_cwm.guides.AutoCWM.sample_latent]); ``Trace_ELBO`` raises a
+    TypeError. Latent sites in a subsampled plate need another autoguide in an ``AutoGuideList``.
 
-    Models written the usual way work as they are:
-
-    - discrete sites marked for enumeration (``config_enumerate``) are not guided: the
-      ELBO sums them out, and so does the start below (a Bayesian mixture's assignments);
-    - latent sites in a subsampled plate belong to another autoguide: put AutoCWM on the
-      global sites (``poutine.block(model, expose=[...])``) and ``AutoNormal`` or
-      ``AutoDelta`` on the local ones (``poutine.block(model, hide=[...])``) in an
-      ``AutoGuideList``, and train with CWMELBO or TraceEnum_ELBO. Inside a guide list
-      the start cannot evaluate the model's density at AutoCWM's sites alone, so the
-      components start near ``init_loc_fn``'s point;
-    - improper priors (``ImproperUniform`` with a ``pyro.factor``) start from a point in
-      their support without sampling them.
-
-    Initialization spreads the components so that they do not start on one mode (reverse KL
-    cannot move a component to a mode it does not start near, and one that loses its weight
-    stops moving). ``num_starts`` points (default 8 K) are drawn, one by ``init_loc_fn`` and
-    the rest by ``spread_init_fn`` (default: from the prior, see
-    [`init_to_prior_sample`][pyro_cwm.guides.autocwm.init_to_prior_sample]); each climbs the
-    model's log density for ``start_steps`` Adam steps (one vectorized run, step size
-    ``start_lr``); the components start at K of them chosen far apart among those within
-    ``start_threshold`` nats of the best; the weights start uniform.
-
-    With ``laplace=True`` (default) the start also uses the curvature of the log density
-    (exact Hessians, one vectorized double-backward run; models of up to ``laplace_max_dim``
-    latent dimensions): up to ``newton_steps`` saddle-free Newton steps refine the best
-    start, kept if they reach a mode (Adam's climb stalls in narrow correlated ridges such
-    as a regression on uncentered covariates); where they find none (a funnel's neck), the
-    starts are ranked by their Laplace log-mass instead of their log density
-    (``_laplace_log_mass``), so that the components start where the mass is, and the
-    default ``map="auto"`` gives the components autoregressive flow maps instead of
-    location-scale ones (Neal's 10-D funnel at 2,000 steps: KL 0.13 against 0.57; a
-    subsampled plate, whose minibatch noise keeps Newton's method from confirming a mode,
-    gets them too), and so it does where Newton's mode is far from Gaussian (the GP
-    Poisson regression of posteriordb: worst mean error 0.80 -> 0.04 posterior sds); the
-    maps are
-    then preconditioned by a fixed affine map from the Laplace approximation there
-    (``laplace_preconditioner``: its principal axes get unit width, none narrower than
-    ``laplace_floor``, and none wider than the log density allows: an axis along which it
-    falls by more than 2 nats at one width, where the curvature vanishes but the density
-    does not stay flat, is shortened to where it falls by half a nat, see
-    ``secant_widths``), so that Adam's steps suit every direction, and each component starts
-    with the diagonal scales of the Laplace approximation at its own start (``init_scale``
-    where the curvature is not positive). The maps' parameters then live in the
-    preconditioned coordinates; the posterior
-    ([`get_posterior`][pyro_cwm.guides.AutoCWM.get_posterior]) is unchanged in meaning. With
-    ``laplace=False`` every component has scale ``init_scale`` and the preconditioner is the
-    identity.
+    The start spreads the components over the modes: ``num_starts`` points climb the log
+    density, and the components start at K of them far apart among the best, weights uniform.
+    With ``laplace=True`` Newton steps refine the best start and its Laplace approximation
+    preconditions the maps ([`get_posterior`][pyro_cwm.guides.AutoCWM.get_posterior] is unchanged).
 
     Args:
         model: a Pyro model.
         num_components: number of components K.
         hidden_dims: hidden widths of the classifier.
-        map: ``"location_scale"``, ``"affine"`` or ``"flow"`` (see [`CWM`][pyro_cwm.nn.CWM]),
-            or ``"auto"`` (default): chosen by the start (see above), in up to
-            ``AUTO_MAF_MAX_DIM`` dimensions the autoregressive flow (``"flow"`` with
-            ``{"flow": "maf"}``) where it finds no mode (a funnel's signature) or a mode
-            whose Laplace approximation misfits by more than ``AUTO_MAF_MISFIT`` nats
-            (widths or directions that change across it: a funnel around a mode, a
-            curved ridge; see ``laplace_misfit``), location-scale maps otherwise.
-            ``map_chosen`` says which, and ``laplace_misfit`` the misfit, once set up.
-        init_loc_fn: per-site initialization of component 0.
-        spread_init_fn: per-site initialization of components 1..K-1.
-        init_scale: initial scale of every component (> 0).
-        map_options: options of the maps family (with an explicit ``map``), e.g.
-            ``{"flow": "maf"}`` with ``map="flow"``: an autoregressive affine flow, in
-            which each coordinate's scale depends on the coordinates before it (a
-            funnel's or a hierarchical model's scales on their variance parameter).
-        num_starts: number of starting points of the spread initialization (default
-            8 K, and never fewer than K).
-        start_steps: Adam steps of each start's climb (``start_steps=0`` skips the climb).
+        map: ``"location_scale"``, ``"affine"``, ``"flow"`` ([`CWM`][pyro_cwm.nn.CWM]) or ``"auto"``
+            (see ``map_chosen``): a MAF ``"flow"`` (at most ``AUTO_MAF_MAX_DIM`` dimensions) where
+            the start finds no mode or a Laplace misfit over ``AUTO_MAF_MISFIT``, else loc-scale.
+        init_loc_fn: per-site initialization of the first start.
+        spread_init_fn: per-site initialization of the other starts (default
+            [`init_to_prior_sample`][pyro_cwm.guides.autocwm.init_to_prior_sample]).
+        init_scale: initial scale of the components (> 0) where there is no Laplace scale.
+        map_options: options of an explicit ``map``, e.g. ``{"flow": "maf"}`` with ``"flow"``.
+        num_starts: number of starting points (default 8 K, never fewer than K).
+        start_steps: Adam steps of each start's climb (0: no climb).
         start_lr: step size of the climb.
-        start_threshold: the components start among the points within this many nats of
-            the best one (at a mode confirmed by Newton's method, within its typical set
-            where that is narrower: ``d/2 + 2 sqrt(d/2)`` nats in d dimensions).
-        laplace: use the curvature-based start (see above; larger models, or Hessians
-            that cannot be computed, fall back to ``laplace=False``).
-        newton_steps: maximum number of saddle-free Newton steps that refine the best
-            start.
-        laplace_max_dim: largest number of latent dimensions for the curvature-based
-            start.
-        laplace_floor: narrowest width of a principal axis of the preconditioner (> 0).
+        start_threshold: the components start within this many nats of the best point.
+        laplace: use the curvature at the start (False where Hessians cannot be computed).
+        newton_steps: maximum number of saddle-free Newton steps on the best start.
+        laplace_max_dim: largest number of latent dimensions for ``laplace``.
+        laplace_floor: narrowest width of an axis of the preconditioner (> 0).
 
     Raises:
-        ValueError: for K < 1, ``init_scale <= 0``, ``laplace_floor <= 0``,
-            ``map_options`` with ``map="auto"``, and at the
-            first call, naming the site: a latent site inside a subsampled plate (see the
-            guide-list pattern above), a discrete site that is not enumerated, a support
-            without a bijection to unconstrained space, an observed site with NaN, or a
-            model without continuous latent sites.
+        ValueError: for K < 1, ``init_scale <= 0``, ``laplace_floor <= 0``, ``map_options``
+            with ``map="auto"``; at the first call, naming the site: a latent site in a
+            subsampled plate, a discrete site not enumerated, a support without a bijection
+            to unconstrained space, an observed site with NaN, or no continuous latent site.
     """
 
     def __init__(

@@ -17,11 +17,12 @@ test:
 lint:
 	$(VENV)/bin/ruff check .
 
-# Build the API reference from the docstrings into site/; any warning (a docstring that
-# does not parse, a reference that does not resolve) fails the build.
+# Build the site into site/: the pages of docs/, the notebooks executed and rendered as
+# tutorials (PYRO_CWM_FAST=1 for small settings), the API reference from the docstrings.
+# Any warning (a docstring that does not parse, a link that does not resolve) fails it.
 docs:
 	bash scripts/setup-venv.sh dev
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	PYRO_CWM_DOCS_EXECUTE=true NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench-density:
 	bash scripts/setup-venv.sh dev

@@ -1,4 +1,6 @@
-"""The API reference builds from the docstrings with ``mkdocs build --strict`` (``make docs``).
+"""The site builds with ``mkdocs build --strict`` (``make docs``): the pages of docs/, the
+notebooks rendered as tutorials (not executed here: tests/test_notebooks.py runs them) and
+the API reference from the docstrings.
 
 A docstring that griffe cannot parse (a documented argument missing from the signature, a
 parameter without a type) or a cross-reference that does not resolve is a warning, and a
@@ -21,6 +23,8 @@ then checks.
 
 import ast
 import html
+import json
+import os
 import re
 import subprocess
 import sys
@@ -77,12 +81,14 @@ def site(tmp_path_factory):
     import mkdocs  # noqa: F401  (installed by the dev extra; fail, do not skip, without it)
 
     out = tmp_path_factory.mktemp("docs") / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYRO_CWM_DOCS_EXECUTE": "false"}
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     log = result.stdout + result.stderr
     warnings = [line for line in log.splitlines() if "WARNING" in line]
@@ -259,3 +265,38 @@ def test_cross_references_in_sources_resolve(site):
                 number = text.count("\n", 0, match.start()) + 1
                 unresolved.append(f"{path.relative_to(REPO)}:{number}: {match.group(1)}")
     assert not unresolved, "references to undocumented identifiers:\n" + "\n".join(unresolved)
+
+
+def test_the_site_has_its_sections(site):
+    # Getting started, the user guide and the benchmarks are pages of their own.
+    for page in ["getting-started", "benchmarks", "benchmarks/variational-inference"] + [
+        f"guide/{p.stem}" for p in REPO.joinpath("docs", "guide").glob("*.md")
+    ]:
+        assert site.joinpath(page, "index.html").is_file(), f"no page {page}"
+    index = site.joinpath("index.html").read_text(encoding="utf-8")
+    assert "material" in index.lower()  # the theme
+    assert site.joinpath("figures", "ring.png").is_file()
+
+
+def test_every_notebook_is_a_tutorial_page(site):
+    notebooks = sorted(REPO.joinpath("notebooks").glob("*.ipynb"))
+    nav = REPO.joinpath("mkdocs.yml").read_text(encoding="utf-8")
+    for notebook in notebooks:
+        assert f"notebooks/{notebook.name}" in nav, f"{notebook.name} is not in the nav"
+        page = site / "notebooks" / notebook.stem / "index.html"
+        assert page.is_file(), f"{notebook.name} was not rendered"
+        html_text = page.read_text(encoding="utf-8")
+        # The notebook's code cells and its title are on the page.
+        assert "jp-CodeCell" in html_text or "highlight-ipynb" in html_text
+        first = json.loads(notebook.read_text(encoding="utf-8"))["cells"][0]["source"]
+        title = "".join(first).splitlines()[0].lstrip("# ").split(":")[0]
+        assert html.escape(title, quote=False) in html_text, f"{notebook.name}: no title"
+
+
+def test_readme_links_resolve():
+    # The README links the site's pages by their paths in the repository.
+    text = REPO.joinpath("README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)
+    assert links
+    missing = [link for link in links if not REPO.joinpath(link).exists()]
+    assert not missing, f"README links to missing files: {missing}"

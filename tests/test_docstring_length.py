@@ -11,17 +11,10 @@ import inspect
 import re
 from pathlib import Path
 
+from tests.test_docs import PACKAGES
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 40
-PACKAGES = [
-    "pyro_cwm",
-    "pyro_cwm.distributions",
-    "pyro_cwm.nn",
-    "pyro_cwm.guides",
-    "pyro_cwm.models",
-    "pyro_cwm.data",
-    "inference",
-]
 OURS = ("pyro_cwm", "inference")
 
 

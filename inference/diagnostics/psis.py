@@ -11,7 +11,13 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
-from pyro_cwm.guides.log_joint import max_plate_nesting, per_particle, sum_out_enumerated
+from pyro_cwm.guides.autocwm import AutoCWM
+from pyro_cwm.guides.log_joint import (
+    max_plate_nesting,
+    per_particle,
+    sum_out_enumerated,
+    unconstrained_log_joint,
+)
 
 
 @dataclass
@@ -40,8 +46,12 @@ def log_importance_weights(model, guide, *args, num_samples: int = 1000, **kwarg
 
     The draws run as one vectorized call of the guide and of the model (a particle plate
     left of the model's plates). Works for any guide whose sites broadcast over a plate
-    (Pyro's autoguides, AutoCWM).
+    (Pyro's autoguides). An [`AutoCWM`][pyro_cwm.guides.AutoCWM] draws from its posterior
+    directly and runs the model as [`CWMELBO`][inference.CWMELBO] does (point by point
+    where the model does not broadcast).
     """
+    if isinstance(guide, AutoCWM):
+        return _autocwm_log_weights(model, guide, num_samples, args, kwargs)
     nesting = max_plate_nesting(model, *args, **kwargs)
     with torch.no_grad(), pyro.plate("_psis_particles", num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -59,6 +69,20 @@ def log_importance_weights(model, guide, *args, num_samples: int = 1000, **kwarg
                     site["log_prob"], num_samples, nesting
                 )
     return total
+
+
+def _autocwm_log_weights(model, guide, num_samples: int, args: tuple, kwargs: dict) -> Tensor:
+    """``log p(data, u) - log q(u)`` at ``num_samples`` draws u of an AutoCWM's unconstrained
+    posterior, the model run as CWMELBO runs it (``unconstrained_log_joint``: batched, or
+    point by point for a model that does not broadcast)."""
+    with torch.no_grad():
+        if guide.prototype_trace is None:
+            with poutine.block():
+                guide(*args, **kwargs)
+        posterior = guide.get_posterior(*args, **kwargs)
+        latent = posterior.sample((num_samples,))
+        log_p = unconstrained_log_joint(model, guide, latent, *args, **kwargs)
+        return log_p - posterior.log_prob(latent)
 
 
 def psis_diagnostic(

@@ -13,6 +13,8 @@ every reparameterized z; the K model evaluations are one call with a particle pl
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, TraceEnum_ELBO
@@ -23,7 +25,7 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 
 from pyro_cwm.guides.autocwm import AutoCWM
-from pyro_cwm.guides.log_joint import unconstrained_log_joint
+from pyro_cwm.guides.log_joint import MODEL_ERRORS, VECTORIZE_HINT, unconstrained_log_joint
 from pyro_cwm.guides.rao_blackwell import (
     ComponentChoice,
     CWMReparam,
@@ -41,6 +43,10 @@ def cwm_guides(guide) -> list[AutoCWM]:
     return []
 
 
+class _EventShapeError(ValueError):
+    """A guide's CWM and the model's site disagree in event shape."""
+
+
 class _MatchCWMSites(Messenger):
     """Checks the model's sites against the event shapes of the guide's CWM sites."""
 
@@ -51,7 +57,7 @@ class _MatchCWMSites(Messenger):
     def _pyro_sample(self, msg) -> None:
         shape = self.reparam.event_shapes.get(msg["name"])
         if shape is not None and msg["fn"].event_shape != shape:
-            raise ValueError(
+            raise _EventShapeError(
                 f"the guide's CWM at site {msg['name']!r} has event shape {tuple(shape)}, "
                 f"the model's site has {tuple(msg['fn'].event_shape)}: build the CWM with "
                 "dim equal to the size of the model's site (a vector site: "
@@ -100,6 +106,27 @@ def _component_sum(model_trace, guide_trace) -> Tensor | None:
 
 
 RICH_MAP_PARTICLES = 4
+
+ENUMERATED_MODEL_NOTE = (
+    "CWMELBO ran the model once at all K component images of the guide's CWM sites (an "
+    "enumeration dimension left of the model's plates, as TraceEnum_ELBO does): a model "
+    "that does not broadcast over extra leading dimensions fails there. A single AutoCWM "
+    "guide runs such a model point by point instead; with this guide, make the model "
+    f"broadcast. {VECTORIZE_HINT}."
+)
+
+
+@contextmanager
+def _noting_broadcast():
+    """Adds ``ENUMERATED_MODEL_NOTE`` to an error raised while the model runs at all
+    component images at once."""
+    try:
+        yield
+    except MODEL_ERRORS as error:
+        noted = ENUMERATED_MODEL_NOTE in getattr(error, "__notes__", ())
+        if not (noted or isinstance(error, _EventShapeError)):
+            error.add_note(ENUMERATED_MODEL_NOTE)
+        raise
 
 
 class CWMELBO(ELBO):
@@ -213,9 +240,10 @@ class CWMELBO(ELBO):
             values, _ = self.elbo_terms(model, guide, *args, **kwargs)
             return -values.mean()
         model, guide = self._enumerated(model, guide)
-        loss = self._direct_loss(model, guide, args, kwargs)
-        if loss is None:
-            loss = self._enum_elbo.differentiable_loss(model, guide, *args, **kwargs)
+        with _noting_broadcast():
+            loss = self._direct_loss(model, guide, args, kwargs)
+            if loss is None:
+                loss = self._enum_elbo.differentiable_loss(model, guide, *args, **kwargs)
         return loss
 
     def _direct_loss(self, model, guide, args, kwargs) -> Tensor | None:
@@ -247,12 +275,13 @@ class CWMELBO(ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         if not isinstance(guide, AutoCWM):
             model, guide = self._enumerated(model, guide)
-            with torch.no_grad():
-                loss = self._direct_loss(model, guide, args, kwargs)
-            if loss is not None:
-                return loss.item()
-            # TraceEnum_ELBO refuses differentiable_loss under no_grad; it has its own.
-            return self._enum_elbo.loss(model, guide, *args, **kwargs)
+            with _noting_broadcast():
+                with torch.no_grad():
+                    loss = self._direct_loss(model, guide, args, kwargs)
+                if loss is not None:
+                    return loss.item()
+                # TraceEnum_ELBO refuses differentiable_loss under no_grad; it has its own.
+                return self._enum_elbo.loss(model, guide, *args, **kwargs)
         with torch.no_grad():
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 

@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import pyro
@@ -16,6 +17,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import zero_grads
+from sklearn.exceptions import ConvergenceWarning
 
 from inference.em.distributed import all_reduce_sum, is_distributed, rank_and_size
 from inference.progress import Progress
@@ -120,6 +122,69 @@ def default_step_size(step: int, num_steps: int) -> float:
     return INITIAL_LR * (FINAL_LR / INITIAL_LR) ** ((step - half) / max(1, num_steps - 1 - half))
 
 
+PLATEAU_TAIL = 0.2
+"""Fraction of the steps at the end of a run over which ``fit_svi`` checks that the loss
+has stopped falling (see ``loss_drop``)."""
+PLATEAU_MIN_DROP = 0.05
+"""Nats of fall over half that tail that count as not converged: a marginal mean a third
+of a posterior sd off costs about as much KL (delta^2 / 2 for a Gaussian)."""
+PLATEAU_Z = 3.0
+"""Standard errors by which the fall must exceed zero (a t statistic with 18 degrees of
+freedom: 0.4% of converged runs by chance alone, before ``PLATEAU_MIN_DROP``)."""
+
+
+def loss_drop(
+    losses: list[float], tail: float = PLATEAU_TAIL, batches: int = 20
+) -> tuple[float, float] | None:
+    """How far the loss fell over the end of a run, and the standard error of that fall.
+
+    The last ``tail`` fraction of the steps is cut into ``batches`` batches, each reduced
+    to its median (a loss with rare spikes of thousands of nats, as a poor guide gives,
+    still shows its trend); a straight line through the medians gives the fall between
+    the two halves of the tail (its slope times half the tail's length), and the median
+    absolute deviation of the residuals its standard error.
+
+    Returns:
+        ``(fall, standard_error)`` in nats, or None where the tail holds fewer steps than
+        ``batches``.
+    """
+    size = int(tail * len(losses)) // batches
+    if size < 1:
+        return None
+    values = torch.tensor(losses[len(losses) - batches * size :], dtype=torch.float64)
+    medians = values.reshape(batches, size).median(-1).values
+    steps = size * torch.arange(batches, dtype=torch.float64)
+    steps = steps - steps.mean()
+    spread = (steps**2).sum()
+    slope = (steps * (medians - medians.mean())).sum() / spread
+    residuals = medians - medians.mean() - slope * steps
+    scale = 1.4826 * (residuals - residuals.median()).abs().median()
+    half = batches * size / 2
+    return (-slope * half).item(), (half * scale / spread.sqrt()).item()
+
+
+def _check_converged(history: dict[str, Any], num_steps: int) -> None:
+    """Set ``history["converged"]`` and warn where the loss is still falling at the end."""
+    drop = None if history["stopped_early"] else loss_drop(history["loss"])
+    history["converged"] = True if history["stopped_early"] else None
+    if drop is None:
+        return
+    fall, error = drop
+    history["converged"] = not (fall > PLATEAU_MIN_DROP and fall > PLATEAU_Z * error)
+    if history["converged"] or rank_and_size()[0] != 0:
+        return
+    tail = math.ceil(PLATEAU_TAIL * 100)
+    warnings.warn(
+        f"fit_svi: the fit has not converged: the loss still fell by {fall:.3g} nats "
+        f"({fall / max(error, 1e-300):.1f} standard errors) from the first to the second half "
+        f"of the last {tail}% of the {len(history['loss'])} steps. Run more steps (num_steps="
+        f"{2 * num_steps}); to check a fit, inference.psis_diagnostic(model, guide, *args) "
+        "gives PSIS k-hat (above 0.7: the guide misses the posterior's mass)",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+
+
 def fit_svi(
     model,
     guide,
@@ -141,8 +206,7 @@ def fit_svi(
 ) -> dict[str, Any]:
     """Run SVI of ``guide`` against ``model(*args, **kwargs)`` and return the history.
 
-    Under ``torchrun`` (an initialized process group) the same call runs data-parallel, see
-    [`inference.svi.data_parallel`][inference.svi.data_parallel].
+    Data-parallel under ``torchrun`` ([`inference.svi.data_parallel`][inference.svi.data_parallel]).
 
     Args:
         model (Callable): a Pyro model.
@@ -159,20 +223,21 @@ def fit_svi(
         patience: stop after this many steps without a ``min_delta`` gain (None: never).
         smoothing: weight of the past in the smoothed loss (bias-corrected EMA, in [0, 1)).
         min_delta: the gain of the smoothed loss that counts for ``patience``.
-        keep_best: end with the parameters of the best smoothed loss (off by default: with the
-            decaying step size the last parameters are the settled ones).
+        keep_best: end with the parameters of the best smoothed loss (default: the last ones).
         average_tail: end with the parameters averaged over this last fraction of the steps
             (Polyak-Ruppert, in [0, 1); ignored when ``keep_best`` restores a step).
-        checkpoint: path of a checkpoint written every ``checkpoint_every`` steps and at the
-            end (under a process group by rank 0 only).
+        checkpoint: file written every ``checkpoint_every`` steps and at the end (by rank 0).
         checkpoint_every: number of steps between checkpoints.
         resume: continue from ``checkpoint`` when it exists (every process reads it).
         **kwargs (Any): keyword arguments of the model and the guide.
 
     Returns:
-        ``{"loss": [...], "smoothed_loss": [...], "steps": n, "stopped_early": bool, "time_s":
-        seconds, "best_step": step, "best_smoothed_loss": value, "restored_best": bool,
-        "averaged_steps": n}`` (``averaged_steps``: 0 when the last step's parameters are kept).
+        ``{"loss": [...], "smoothed_loss": [...], "steps", "stopped_early", "time_s", "best_step",
+        "best_smoothed_loss", "restored_best", "averaged_steps" (0: the last step's parameters
+        kept), "converged" (False: see Warns; None: too short a run to tell)}``.
+
+    Warns:
+        ConvergenceWarning: where the loss still falls clearly at the end: run more steps.
 
     Raises:
         FloatingPointError: when the loss or a gradient is not finite; the parameters are
@@ -339,6 +404,7 @@ def fit_svi(
     elif tail["count"] > 1:
         _load_params(tail["mean"])
     history["averaged_steps"] = tail["count"] if not history["restored_best"] else 0
+    _check_converged(history, num_steps)
     return history
 
 

@@ -17,6 +17,53 @@ from torch import Tensor
 
 LogJoint = Callable[[Tensor], Tensor]  # (n, d) -> (n,)
 
+LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def as_float64(value):
+    """``value`` with every float16/bfloat16/float32 tensor in it (nested tuples, lists
+    and dicts) converted to float64; anything else is returned as it is."""
+    if torch.is_tensor(value):
+        return value.double() if value.dtype in LOW_PRECISION else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_float64(item) for item in value)
+    if isinstance(value, dict):
+        return {key: as_float64(item) for key, item in value.items()}
+    return value
+
+
+def float64_log_joint(
+    make_log_joint: Callable[[tuple, dict], LogJoint], args: tuple, kwargs: dict, point: Tensor
+) -> tuple[LogJoint, torch.dtype]:
+    """The log joint in float64 where the model runs in it, for curvature and Newton steps.
+
+    ``make_log_joint(args, kwargs)`` builds the log joint of the model on its arguments.
+    Where ``point`` (d,) is float32 (or lower) the arguments' floating tensors are cast to
+    float64 and the model is tried there at ``point``: its float32 log density on 10^3
+    rows (about 1e3 nats) is resolved to 1e-4 nats and its gradients carry rounding
+    errors of 1e3, while a posterior correlation of -0.998 needs a condition number of
+    1e7 resolved (a regression on an uncentered covariate: Newton's method found no
+    mode from 2 of 8 starts). Where the model fails in float64 (a matrix product with a
+    float32 tensor that it holds itself) or is not finite there, the log joint stays in
+    the model's dtype.
+
+    Returns:
+        ``(log_joint, dtype)``: a log joint and the dtype of the points it takes.
+    """
+    native = make_log_joint(args, kwargs)
+    if point.dtype not in LOW_PRECISION:
+        return native, point.dtype
+    precise = make_log_joint(as_float64(args), as_float64(kwargs))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = precise(point.double()[None])
+    except (RuntimeError, ValueError, TypeError):
+        return native, point.dtype
+    if value.dtype != torch.float64 or not torch.isfinite(value).all():
+        return native, point.dtype
+    return precise, torch.float64
+
 
 def log_joint_derivatives(log_joint: LogJoint, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Values (n,), gradients (n, d) and Hessians (n, d, d) of ``log_joint`` at u (n, d).

@@ -28,13 +28,20 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.reparam.reparam import Reparam
 from pyro.infer.reparam.strategies import Strategy
 from torch import Tensor, nn
 
 from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
 
-__all__ = ["CWMReparam", "rao_blackwellize", "path_log_prob", "sample_components"]
+__all__ = [
+    "CWMReparam",
+    "ImageDelta",
+    "rao_blackwellize",
+    "path_log_prob",
+    "sample_components",
+]
 
 
 class ComponentChoice(dist.Categorical):
@@ -52,6 +59,49 @@ class ComponentChoice(dist.Categorical):
                 "(Trace_ELBO and other score-function ELBOs would draw it)"
             )
         return super().score_parts(value, *args, **kwargs)
+
+
+class ImageDelta(dist.Delta):
+    """A ``Delta`` at the K component images whose batch shape is that of the plates alone.
+
+    Under enumeration a site's value holds the K images along an enumeration dimension
+    left of its plates (the first ``num_enum_dims`` of ``v``'s batch dimensions). As for
+    an enumerated site itself, whose distribution keeps the plates' batch shape while its
+    value holds the enumerated values, these dimensions are the value's: ``batch_shape``
+    is the rest, without leading dimensions of size one, the shape a guide without
+    enumeration would give the site. Pyro's model-guide shape check then compares the
+    site with the model's (a matrix site such as ``LKJCholesky`` beside a plate failed
+    it), and ``log_prob`` broadcasts over the images.
+    """
+
+    def __init__(self, v: Tensor, log_density=0.0, event_dim: int = 0, num_enum_dims: int = 1):
+        super().__init__(v, log_density=log_density, event_dim=event_dim)
+        self.log_density = self.log_density.expand(super().batch_shape)
+        self.num_enum_dims = num_enum_dims
+        batch_shape = self.batch_shape[num_enum_dims:]
+        while batch_shape and batch_shape[0] == 1:
+            batch_shape = batch_shape[1:]
+        self._batch_shape = batch_shape
+
+    def expand(self, batch_shape, _instance=None):
+        # The enumeration dimensions keep their places: the new batch shape takes the
+        # place of the plate dimensions, size-one dimensions that were left out included.
+        batch_shape = torch.Size(batch_shape)
+        lead = self.v.shape[: self.num_enum_dims]
+        plates = self.v.shape[self.num_enum_dims : self.v.dim() - self.event_dim]
+        keep = len(plates) - len(batch_shape)
+        if keep < 0:
+            raise ValueError(
+                f"cannot expand the images of shape {tuple(self.v.shape)} to the batch shape "
+                f"{tuple(batch_shape)}: it reaches the enumeration dimension"
+            )
+        shape = lead + plates[:keep] + batch_shape
+        v = self.v.expand(shape + self.event_shape)
+        return ImageDelta(v, self.log_density.expand(shape), self.event_dim, self.num_enum_dims)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        log_prob = (x == self.v).type(x.dtype).log()
+        return sum_rightmost(log_prob, self.event_dim) + self.log_density
 
 
 def path_log_prob(posterior: ClassifierWeightedMixture, value: Tensor) -> Tensor:

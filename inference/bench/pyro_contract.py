@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from inference.bench import write_rows
+
 MODULES = ("tests/infer/test_autoguide.py", "tests/infer/autoguide/test_inference.py")
 SUPPORT = (
     "tests/__init__.py",
@@ -190,9 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"         {row['error']}")
     counts = {o: sum(r["outcome"] == o for r in rows) for o in ("passed", "failed", "skipped")}
     print(f"AutoCWM cases: {len(rows)}; " + ", ".join(f"{n} {o}" for o, n in counts.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    write_rows(rows, args.out)
     return rows
 
 

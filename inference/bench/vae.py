@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -37,6 +36,7 @@ from pyro.distributions.transforms import Permute, conditional_affine_autoregres
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 
+from inference.bench import write_rows
 from inference.svi.elbo import CWMELBO
 from pyro_cwm import CWM, CWMEncoder
 from pyro_cwm.data.digits import load_digits_split
@@ -330,9 +330,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(json.dumps(rows[-1]), flush=True)
     print()
     print(summary(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    write_rows(rows, args.out)
     return rows
 
 

@@ -183,20 +183,38 @@ def nes(x: Tensor, y: Tensor) -> None:
     pyro.sample("y", dist.Normal(mean, sigma[..., None]).to_event(1), obs=y)
 
 
+def _pad(x: Tensor, n: int, dims: int) -> Tensor:
+    """``x`` with ``n`` size-1 dimensions inserted before its last ``dims``."""
+    return x.reshape(x.shape[: x.dim() - dims] + (1,) * n + x.shape[x.dim() - dims :])
+
+
+def _stan_hmm(
+    name: str, log_transition: Tensor, emission: Callable[[int], dist.Distribution], obs: Tensor
+) -> None:
+    """Observe ``obs`` (T, *event) under a hidden Markov model with the states summed out,
+    as Stan's forward algorithm writes it: step 1 has weight 1 per state (no initial
+    distribution), then gamma_t(k) = logsumexp_j(gamma_{t-1}(j) + log_transition[j, k])
+    + log emission_k(obs_t).
+
+    ``log_transition`` (..., K, K) is (from, to); ``emission(n)`` is the emission
+    distribution with batch shape (..., *[1] * n, K). Pyro's ``DiscreteHMM`` (a parallel
+    scan) draws a state, transitions, then emits: so step 1's emission log-weights gamma_1
+    serve as its (normalized) initial logits over steps 2..T, and a ``pyro.factor`` adds
+    back logsumexp(gamma_1).
+    """
+    first = emission(0).log_prob(obs[0])  # gamma_1, (..., K)
+    pyro.factor(f"{name}_first", first.logsumexp(-1))
+    hmm = dist.DiscreteHMM(first, log_transition[..., None, :, :], emission(1))
+    pyro.sample(name, hmm, obs=obs[1:])
+
+
 def hmm_drive(u: Tensor, v: Tensor, alpha: Tensor) -> None:
     """Two-state HMM of a basketball drive (hmm_drive_0) with the states summed out.
 
     Observations per step t: ``u`` (T,) and ``v`` (T,), Exponential with rates
     ``phi[k]`` and ``lambda[k]`` in state k. Rows of the transition matrix theta1,
     theta2 ~ Dirichlet(alpha[k]) (``alpha`` (2, 2)); phi and lambda are positive ordered
-    with N(0, 1), N(3, 1) priors.
-
-    The states are summed out by Pyro's ``DiscreteHMM`` (the forward algorithm as a
-    parallel scan). Stan's recursion starts at step 1 with weight 1 per state and no
-    initial distribution, while ``DiscreteHMM`` draws a state, transitions, then emits: so
-    step 1's emission log-weights gamma_1 serve as its (normalized) initial logits over
-    steps 2..T, and a ``pyro.factor`` adds back logsumexp(gamma_1). The density is
-    then exactly Stan's.
+    with N(0, 1), N(3, 1) priors. The likelihood is Stan's forward algorithm.
     """
     one = torch.ones((), dtype=u.dtype)
     theta1 = pyro.sample("theta1", dist.Dirichlet(alpha[0].to(u.dtype)))
@@ -206,14 +224,56 @@ def hmm_drive(u: Tensor, v: Tensor, alpha: Tensor) -> None:
     transition = torch.stack((theta1, theta2), -2).log()  # (..., from, to)
     rates = torch.stack((phi, lam), -1)  # (..., state, observation)
     obs = torch.stack((u, v), -1)  # (T, 2)
-    first = dist.Exponential(rates).to_event(1).log_prob(obs[0])  # gamma_1, (..., state)
-    pyro.factor("obs_first", first.logsumexp(-1))
-    hmm = dist.DiscreteHMM(
-        first,
-        transition[..., None, :, :],
-        dist.Exponential(rates[..., None, :, :]).to_event(1),
-    )
-    pyro.sample("obs", hmm, obs=obs[1:])
+    _stan_hmm("obs", transition, lambda n: dist.Exponential(_pad(rates, n, 2)).to_event(1), obs)
+
+
+def hmm_example(y: Tensor) -> None:
+    """Two-state Gaussian HMM (hmm_example), y_t ~ N(mu_{z_t}, 1), the states summed out.
+
+    Rows theta1, theta2 of the transition matrix are uniform on the simplex; mu is
+    positive ordered with N(3, 1), N(10, 1) priors. The likelihood is Stan's forward
+    algorithm (no initial distribution).
+    """
+    one = torch.ones((), dtype=y.dtype)
+    flat = torch.ones(2, dtype=y.dtype)
+    theta1 = pyro.sample("theta1", dist.Dirichlet(flat))
+    theta2 = pyro.sample("theta2", dist.Dirichlet(flat))
+    mu = _positive_ordered("mu", (3.0, 10.0), one)
+    transition = torch.stack((theta1, theta2), -2).log()
+    _stan_hmm("y", transition, lambda n: dist.Normal(_pad(mu, n, 1), one), y)
+
+
+def garch11(y: Tensor, sigma1: float) -> None:
+    """GARCH(1, 1): y_t ~ N(mu, sigma_t), sigma_1 = ``sigma1``, sigma_t^2 = alpha0 +
+    alpha1 (y_{t-1} - mu)^2 + beta1 sigma_{t-1}^2.
+
+    Flat priors on mu, alpha0 > 0, 0 < alpha1 < 1 and 0 < beta1 < 1 - alpha1. beta1's
+    bound depends on alpha1, so the sample site is ``beta1_fraction`` = beta1 / (1 -
+    alpha1) ~ Uniform(0, 1) with the Jacobian log(1 - alpha1) as a factor; ``beta1`` is a
+    deterministic site.
+    """
+    one = torch.ones((), dtype=y.dtype)
+    mu = _flat_real("mu", (), one)
+    alpha0 = _flat_positive("alpha0", one)
+    alpha1 = pyro.sample("alpha1", dist.Uniform(0 * one, one))
+    fraction = pyro.sample("beta1_fraction", dist.Uniform(0 * one, one))
+    pyro.factor("beta1_flat_prior", torch.log1p(-alpha1))
+    beta1 = pyro.deterministic("beta1", fraction * (1 - alpha1))
+    variance = [sigma1**2 * one.expand(torch.broadcast_shapes(mu.shape, beta1.shape))]
+    for t in range(1, y.shape[0]):
+        variance.append(alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * variance[-1])
+    scale = torch.stack(variance, -1).sqrt()
+    pyro.sample("y", dist.Normal(mu[..., None], scale).to_event(1), obs=y)
+
+
+def blr(x: Tensor, y: Tensor) -> None:
+    """Bayesian linear regression (sblrc-blr): beta ~ N(0, 10)^D, sigma ~ HalfNormal(10),
+    y ~ N(x beta, sigma), ``x`` (N, D) on a large scale (posterior sds ~1e-3): pass float64.
+    """
+    one = torch.ones((), dtype=x.dtype)
+    beta = pyro.sample("beta", dist.Normal(0 * one, 10 * one).expand([x.shape[1]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(10 * one))
+    pyro.sample("y", dist.Normal(beta @ x.T, sigma[..., None]).to_event(1), obs=y)
 
 
 def _read(root: Path, folder: str) -> tuple[dict, list[str], Tensor]:
@@ -235,6 +295,9 @@ POSTERIORS = [
     "diamonds",
     "nes",
     "hmm_drive_0",
+    "hmm_example",
+    "garch11",
+    "blr",
 ]
 
 
@@ -315,4 +378,16 @@ def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
             tensor(data["alpha"], dtype=torch.float64),
         )
         return ReferencePosterior(name, hmm_drive, args, columns, draws.double())
+    if name == "hmm_example":
+        data, columns, draws = _read(root, "hmm_example-hmm_example")
+        args = (tensor(data["y"], dtype=torch.float64),)
+        return ReferencePosterior(name, hmm_example, args, columns, draws.double())
+    if name == "garch11":
+        data, columns, draws = _read(root, "garch-garch11")
+        args = (tensor(data["y"], dtype=torch.float64), float(data["sigma1"]))
+        return ReferencePosterior(name, garch11, args, columns, draws.double())
+    if name == "blr":
+        data, columns, draws = _read(root, "sblrc-blr")
+        args = (tensor(data["X"], dtype=torch.float64), tensor(data["y"], dtype=torch.float64))
+        return ReferencePosterior(name, blr, args, columns, draws.double())
     raise ValueError(f"name must be one of {POSTERIORS}, got {name!r}")

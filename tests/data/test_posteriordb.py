@@ -86,6 +86,9 @@ FOLDERS = {
     "diamonds": "diamonds-diamonds",
     "nes": "nes2000-nes",
     "hmm_drive_0": "bball_drive_event_0-hmm_drive_0",
+    "hmm_example": "hmm_example-hmm_example",
+    "garch11": "garch-garch11",
+    "blr": "sblrc-blr",
 }
 
 
@@ -153,6 +156,17 @@ def test_nes_matches_a_direct_computation():
         )
 
 
+def stan_forward(emission, theta):
+    """Stan's forward algorithm: weight 1 per start state; ``emission`` (T, K) log-densities,
+    ``theta`` (K, K) rows of the transition matrix."""
+    gamma = emission[0]
+    for t in range(1, len(emission)):
+        gamma = np.array(
+            [np.logaddexp.reduce(gamma + np.log(theta[:, k])) for k in range(len(gamma))]
+        ) + emission[t]
+    return np.logaddexp.reduce(gamma)
+
+
 def stan_hmm_drive_log_density(row, data):
     """info.txt's formula: priors plus Stan's forward algorithm (weight 1 per start state)."""
     theta = np.array([[row[0], row[1]], [row[2], row[3]]])
@@ -162,18 +176,13 @@ def stan_hmm_drive_log_density(row, data):
     emission = stats.expon(scale=1 / phi).logpdf(u[:, None]) + stats.expon(
         scale=1 / lam
     ).logpdf(v[:, None])  # (T, K)
-    gamma = emission[0]
-    for t in range(1, len(u)):
-        gamma = np.array(
-            [np.logaddexp.reduce(gamma + np.log(theta[:, k])) for k in range(2)]
-        ) + emission[t]
     prior = (
         stats.dirichlet(alpha[0]).logpdf(theta[0])
         + stats.dirichlet(alpha[1]).logpdf(theta[1])
         + stats.norm([0, 3], 1).logpdf(phi).sum()
         + stats.norm([0, 3], 1).logpdf(lam).sum()
     )
-    return prior + np.logaddexp.reduce(gamma)
+    return prior + stan_forward(emission, theta)
 
 
 def test_hmm_drive_matches_stans_forward_algorithm():
@@ -186,3 +195,52 @@ def test_hmm_drive_matches_stans_forward_algorithm():
         expected = stan_hmm_drive_log_density(row.numpy(), data)
         got = log_joint(posterior, site_values(posterior, row))
         assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_hmm_example_matches_stans_forward_algorithm():
+    posterior = load_reference_posterior("hmm_example", REFPOST)
+    y = np.asarray(data_json("hmm_example")["y"])
+    for row in posterior.draws[:2]:
+        row = row.clone()
+        row[:2], row[2:4] = row[:2] / row[:2].sum(), row[2:4] / row[2:4].sum()
+        theta, mu = row[:4].numpy().reshape(2, 2), row[4:6].numpy()
+        # Uniform simplex priors: Dirichlet(1, 1) has density 1 on theta_k[1].
+        expected = (
+            stats.norm([3, 10], 1).logpdf(mu).sum()
+            + stan_forward(stats.norm(mu, 1).logpdf(y[:, None]), theta)
+        )
+        assert log_joint(posterior, site_values(posterior, row)) == pytest.approx(
+            expected, rel=1e-10
+        )
+
+
+def test_garch11_matches_the_recursion_with_the_jacobian_of_beta1():
+    posterior = load_reference_posterior("garch11", REFPOST)
+    data = data_json("garch11")
+    y = np.asarray(data["y"])
+    for row in posterior.draws[:2]:
+        mu, alpha0, alpha1, beta1 = row.numpy()
+        sigma = [data["sigma1"]]
+        for t in range(1, len(y)):
+            sigma.append(np.sqrt(alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * sigma[-1] ** 2))
+        # Flat priors on the constrained values; the model samples beta1 / (1 - alpha1).
+        expected = stats.norm(mu, sigma).logpdf(y).sum() + np.log1p(-alpha1)
+        values = site_values(posterior, row)
+        values["beta1_fraction"] = values.pop("beta1") / (1 - values["alpha1"])
+        assert log_joint(posterior, values) == pytest.approx(expected, rel=1e-10)
+
+
+def test_blr_matches_a_direct_computation():
+    posterior = load_reference_posterior("blr", REFPOST)
+    data = data_json("blr")
+    x, y = np.asarray(data["X"]), np.asarray(data["y"])
+    for row in posterior.draws[:2]:
+        beta, sigma = row[:5].numpy(), row[5].item()
+        expected = (
+            stats.norm(x @ beta, sigma).logpdf(y).sum()
+            + stats.norm(0, 10).logpdf(beta).sum()
+            + stats.halfnorm(scale=10).logpdf(sigma)
+        )
+        assert log_joint(posterior, site_values(posterior, row)) == pytest.approx(
+            expected, rel=1e-10
+        )

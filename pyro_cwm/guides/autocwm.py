@@ -35,8 +35,13 @@ from pyro_cwm.guides.laplace import (
     secant_widths,
 )
 from pyro_cwm.guides.log_joint import (
+    LOOP,
+    VECTORIZE_HINT,
+    VMAP,
     is_enumerated,
+    log_joint_route,
     max_plate_nesting,
+    model_name,
     rowwise,
     structure_trace,
     unconstrained_log_joint,
@@ -593,6 +598,8 @@ class AutoCWM(AutoContinuous):
         # plates): a latent with more holds the K images along an enumeration dimension.
         outer = max((-f.dim for f in get_plates() if f.vectorized and f.dim is not None), default=0)
         enumerated = latent.dim() - 1 > outer
+        if enumerated:
+            self._require_broadcasting_model(latent, args, kwargs)
         result = {}
         for site, unconstrained in self._unpack_latent(latent):
             name, event_dim = site["name"], site["fn"].event_dim
@@ -611,6 +618,27 @@ class AutoCWM(AutoContinuous):
                     stack.enter_context(plates[frame.name])
                 result[name] = pyro.sample(name, fn)
         return result
+
+    def _require_broadcasting_model(self, latent: torch.Tensor, args: tuple, kwargs: dict):
+        """Raise a TypeError where the K images are enumerated (``TraceEnum_ELBO``, or an
+        ``AutoGuideList`` under ``CWMELBO``) but the model does not broadcast over them: the
+        model would fail inside with a bare shape error, or broadcast wrongly. The start
+        chose the model's route; in a guide list, which runs no start, two of the images
+        choose it here (the random state left as it was)."""
+        model = self._raw_model
+        if model is not None and log_joint_route(self) is None:
+            points = latent.detach().reshape(-1, latent.shape[-1])[:2]
+            devices = [points.device] if points.is_cuda else []
+            with torch.random.fork_rng(devices=devices), outside_handlers(), torch.no_grad():
+                self._log_joint(args, kwargs)(points)
+        if model is not None and log_joint_route(self) in (VMAP, LOOP):
+            raise TypeError(
+                f"AutoCWM: the component images are enumerated (TraceEnum_ELBO, or CWMELBO "
+                f"with a guide list), which runs the model {model_name(model)} on all K "
+                "images in one call, but the model does not broadcast over them. Train a "
+                "single AutoCWM guide with inference.CWMELBO, which runs such a model point "
+                f"by point, or make the model broadcast. {VECTORIZE_HINT}."
+            )
 
     def sample_latent(self, *args, **kwargs) -> torch.Tensor:
         """Draw the packed latent vector through three auxiliary sites.
@@ -689,8 +717,10 @@ class AutoCWM(AutoContinuous):
 
     @torch.no_grad()
     def _loc_scale(self, *args, num_samples: int = 20000, seed: int = 0, **kwargs):
-        """The mean and standard deviation of each unconstrained coordinate (Monte Carlo,
-        seeded as in [`quantiles`][pyro_cwm.guides.AutoCWM.quantiles]): the Gaussian
-        summary that Pyro's ``AutoContinuous`` guides give as ``(loc, scale)``."""
-        samples = self._sample_unconstrained(args, kwargs, num_samples, seed)
-        return samples.mean(0), samples.std(0)
+        """The mean and standard deviation of each unconstrained coordinate (the CWM's
+        seeded [`moments`][pyro_cwm.distributions.ClassifierWeightedMixture.moments]): the
+        Gaussian summary that Pyro's ``AutoContinuous`` guides give as ``(loc, scale)``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        mean, variance = self.get_posterior(*args, **kwargs).moments(num_samples, seed)
+        return mean, variance.sqrt()

@@ -190,7 +190,8 @@ def _model_key(model):
     return model
 
 
-def _model_name(model) -> str:
+def model_name(model) -> str:
+    """The model's name, quoted, through Pyro's handlers and partials (for messages)."""
     inner = model
     for _ in range(20):  # through Pyro's handlers (poutine.block(model), ...)
         name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None)
@@ -241,7 +242,7 @@ def _model_error(error: Exception, model, site: str | None, how: str) -> Excepti
     if site is not None:
         where = f"after its sample site {site!r} (the last one it reached)"
     return kind(
-        f"the model {_model_name(model)} raised {type(error).__name__} when run {how}, "
+        f"the model {model_name(model)} raised {type(error).__name__} when run {how}, "
         f"{where}: {error}"
     )
 
@@ -412,7 +413,7 @@ def _decide(model, guide, latent, args, kwargs, tried: tuple, state) -> Tensor:
 
 def _warn(model, reason: str, how: str) -> None:
     warnings.warn(
-        f"AutoCWM: the model {_model_name(model)} does not broadcast over extra leading "
+        f"AutoCWM: the model {model_name(model)} does not broadcast over extra leading "
         f"batch dimensions ({reason}). At AutoCWM's component images, particles and start "
         f"points it now {how}; TraceEnum_ELBO, which runs all K images in one call, cannot "
         f"train AutoCWM on it: use CWMELBO. {VECTORIZE_HINT}.",

@@ -14,7 +14,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import SVI, config_enumerate
+from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoGuideList
 from pyro.optim import Adam
 
@@ -244,9 +244,22 @@ def test_cwmelbo_with_other_guides_says_why_a_model_that_does_not_broadcast_fail
     guide = AutoGuideList(regression_matmul)
     guide.append(AutoCWM(pyro.poutine.block(regression_matmul, expose=["w"])))
     svi = SVI(regression_matmul, guide, Adam({"lr": 0.01}), CWMELBO())
-    with pytest.raises(RuntimeError, match="a model that does not broadcast") as info:
-        svi.step(x, y)
-    assert "(X * w).sum(-1)" in "\n".join(info.value.__notes__)
+    with pytest.warns(UserWarning, match=BROADCAST_WARNING):
+        with pytest.raises(TypeError, match="does not broadcast over them") as info:
+            svi.step(x, y)
+    assert "inference.CWMELBO" in str(info.value) and "(X * w).sum(-1)" in str(info.value)
+
+
+def test_trace_enum_elbo_with_a_model_that_does_not_broadcast_names_cwmelbo():
+    x, y = regression_data()
+    guide = AutoCWM(regression_matmul, num_components=2)
+    svi = SVI(regression_matmul, guide, Adam({"lr": 0.01}), TraceEnum_ELBO())
+    with pytest.warns(UserWarning, match=BROADCAST_WARNING):
+        with pytest.raises(TypeError, match="CWMELBO"):
+            svi.step(x, y)
+    # The same guide trains with CWMELBO.
+    svi = SVI(regression_matmul, guide, Adam({"lr": 0.01}), CWMELBO())
+    assert math.isfinite(svi.step(x, y))
 
 
 def test_an_enumerated_model_that_indexes_without_vindex_runs_point_by_point():

@@ -159,6 +159,36 @@ class ClassifierWeightedMixture(TorchDistribution):
         z = self.reference.rsample(shape)
         return self.maps(z, self.context), self.classifier(z, self.context)
 
+    @property
+    def mean(self) -> Tensor:
+        """The mean (*batch, d), estimated as in
+        [`moments`][pyro_cwm.distributions.ClassifierWeightedMixture.moments]."""
+        return self.moments()[0]
+
+    @property
+    def variance(self) -> Tensor:
+        """The marginal variances (*batch, d), estimated as in
+        [`moments`][pyro_cwm.distributions.ClassifierWeightedMixture.moments]."""
+        return self.moments()[1]
+
+    @torch.no_grad()
+    def moments(self, num_samples: int = 10_000, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Mean and marginal variances, each (*batch, d), by Monte Carlo.
+
+        The weights depend on the point, so neither has a closed form. Each of
+        ``num_samples`` reference draws z contributes all K images weighted by w(z) (the
+        component summed out); the draws come from a random state seeded with ``seed`` and
+        then restored, so the same parameters give the same values.
+        """
+        device = self.reference.mean.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            x, log_w = self.rsample_components((num_samples,))
+        w = log_w.softmax(-1).unsqueeze(-1)
+        mean = (w * x).sum(-2).mean(0)
+        variance = (w * (x - mean.unsqueeze(-2)) ** 2).sum(-2).mean(0)
+        return mean, variance
+
     def score_parts(self, value, *args, **kwargs):
         """Refused: an ELBO that asks for a CWM site's score parts would draw the component
         with a score-function gradient; the error says which ELBOs sum it out instead."""

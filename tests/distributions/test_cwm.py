@@ -338,3 +338,36 @@ def test_map_choices_are_the_families_and_the_maf_preset():
             assert getattr(t.univariate, "func", t.univariate) is univariate
     with pytest.raises(ValueError, match="map must be one of"):
         map_arguments("spline")
+
+
+def test_moments_of_a_gaussian_mixture_match_the_closed_form():
+    torch.manual_seed(2)
+    K, d = 3, 2
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    loc = 3 * torch.randn(K, d, dtype=torch.float64)
+    scale = torch.rand(K, d, dtype=torch.float64) + 0.3
+    cwm = CWM(d, K).double()
+    cwm.set_gaussian_mixture(weights, loc, scale)
+    mean = (weights[:, None] * loc).sum(0)
+    variance = (weights[:, None] * (scale**2 + loc**2)).sum(0) - mean**2
+    with torch.no_grad():
+        distribution = cwm()
+        # Components summed out: the mean's error is (sum_k w_k scale_k) / sqrt(n) ~ 0.01.
+        assert torch.allclose(distribution.mean, mean, atol=0.04)
+        assert torch.allclose(distribution.variance, variance, rtol=0.05)
+
+
+def test_moments_with_a_point_dependent_classifier_match_plain_draws_and_are_seeded():
+    cwm = random_cwm(2, 3, context_dim=2, seed=4)
+    context = torch.randn(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        distribution = cwm(context)
+        state = torch.get_rng_state()
+        mean, variance = distribution.moments(num_samples=20_000)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(distribution.mean, distribution.moments()[0])
+        draws = distribution.sample((200_000,))
+    assert mean.shape == variance.shape == (3, 2)
+    # Both estimates' errors are ~1% of a standard deviation.
+    assert ((mean - draws.mean(0)).abs() < 0.05 * variance.sqrt()).all()
+    assert torch.allclose(variance, draws.var(0), rtol=0.05)

@@ -7,6 +7,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -173,7 +174,7 @@ def unconstrained_log_joint(model, guide, latent: Tensor, *args, **kwargs) -> Te
     return _decide(model, guide, latent, args, kwargs, (route or VECTORIZED, value, error), state)
 
 
-def log_joint_route(guide, model=None) -> str | None:
+def log_joint_route(guide: Any, model: Callable | None = None) -> str | None:
     """How [`unconstrained_log_joint`][inference.unconstrained_log_joint] runs ``model``
     (default: the guide's own) for ``guide``: ``"vectorized"`` (one batched call),
     ``"vmap"`` (one point under ``torch.func.vmap``), ``"loop"`` (point by point) or None

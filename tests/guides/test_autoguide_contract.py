@@ -31,6 +31,7 @@ from pyro.infer.autoguide.initialization import (
 )
 from pyro.infer.reparam import ProjectedNormalReparam
 from pyro.nn import PyroModule, PyroParam, PyroSample
+from torch import nn
 from torch.distributions import constraints
 
 from inference import CWMELBO
@@ -349,6 +350,71 @@ def test_a_pyro_module_model_stays_outside_the_guide():
     median = guide.median()
     assert set(median) == {"weight", "bias"} and median["weight"].shape == (2,)
     assert Predictive(model, guide=guide, num_samples=3)(x)["obs"].shape == (3, 6)
+
+
+class RandomLinear(nn.Linear, PyroModule):
+    """nn.Linear with random weights, as Pyro's own tests write a Bayesian layer."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features)
+        self.weight = PyroSample(
+            dist.Normal(0.0, 1.0).expand([out_features, in_features]).to_event(2)
+        )
+        self.bias = PyroSample(dist.Normal(0.0, 10.0).expand([out_features]).to_event(1))
+
+
+class LinearRegression(PyroModule):
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = RandomLinear(dim, 1)
+
+    def forward(self, x, y=None):
+        mean = self.linear(x).squeeze(-1)  # F.linear: needs a 2-D weight, no batch
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+
+
+def test_an_nn_linear_model_trains_with_cwmelbo_and_trace_enum_names_it():
+    torch.manual_seed(0)
+    x = torch.randn(10, 3)
+    y = x @ torch.tensor([1.0, -1.0, 0.5]) + 0.5 * torch.randn(10)
+    model = LinearRegression(3)
+    guide = small_guide(model)
+    with pytest.warns(UserWarning, match="does not broadcast"):
+        svi = SVI(model, guide, adam(0.02), CWMELBO())
+        losses = [svi.step(x, y) for _ in range(200)]
+    assert all(math.isfinite(loss) for loss in losses)
+    # The exact posterior mean of the weight (bias prior N(0, 10^2), noise 0.5).
+    design = torch.cat([x, torch.ones(10, 1)], -1)
+    precision = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.01])) + design.T @ design / 0.25
+    exact = torch.linalg.solve(precision, design.T @ y / 0.25)
+    median = guide.median(x, y)
+    assert torch.allclose(median["linear.weight"].reshape(3), exact[:3], atol=0.15)
+    with pytest.raises(TypeError, match="CWMELBO"):
+        SVI(model, guide, adam(), TraceEnum_ELBO()).step(x, y)
+
+
+def test_a_dirichlet_expanded_over_the_data_fits_its_exact_posterior_under_cwmelbo():
+    # Pyro's test_auto_dirichlet: Categorical(p).expand_by(data.shape) does not broadcast
+    # over the images, so the model runs point by point.
+    prior = torch.tensor([0.5, 1.0, 1.5, 3.0])
+    data = torch.tensor([0] * 4 + [1] * 2 + [2] * 5)
+
+    def model(data):
+        p = pyro.sample("p", dist.Dirichlet(prior))
+        with pyro.plate("data_plate"):
+            pyro.sample("data", dist.Categorical(p).expand_by(data.shape), obs=data)
+
+    pyro.set_rng_seed(0)
+    guide = small_guide(model)
+    with pytest.warns(UserWarning, match="does not broadcast"):
+        svi = SVI(model, guide, adam(0.02), CWMELBO(num_particles=4))
+        for _ in range(300):
+            svi.step(data)
+    posterior = dist.Dirichlet(prior + torch.bincount(data, minlength=4))
+    draws = Predictive(model, guide=guide, num_samples=4000)(data)["p"]
+    assert torch.allclose(draws.mean(0), posterior.mean, atol=0.03)
+    assert torch.allclose(draws.std(0), posterior.variance.sqrt(), rtol=0.25)
 
 
 def guide_params(guide):

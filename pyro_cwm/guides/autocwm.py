@@ -599,7 +599,7 @@ class AutoCWM(AutoContinuous):
         outer = max((-f.dim for f in get_plates() if f.vectorized and f.dim is not None), default=0)
         enumerated = latent.dim() - 1 > outer
         if enumerated:
-            self._require_broadcasting_model(latent, args, kwargs)
+            self._require_broadcasting_model()
         result = {}
         for site, unconstrained in self._unpack_latent(latent):
             name, event_dim = site["name"], site["fn"].event_dim
@@ -619,25 +619,18 @@ class AutoCWM(AutoContinuous):
                 result[name] = pyro.sample(name, fn)
         return result
 
-    def _require_broadcasting_model(self, latent: torch.Tensor, args: tuple, kwargs: dict):
-        """Raise a TypeError where the K images are enumerated (``TraceEnum_ELBO``, or an
-        ``AutoGuideList`` under ``CWMELBO``) but the model does not broadcast over them: the
-        model would fail inside with a bare shape error, or broadcast wrongly. The start
-        chose the model's route; in a guide list, which runs no start, two of the images
-        choose it here (the random state left as it was)."""
+    def _require_broadcasting_model(self) -> None:
+        """Raise a TypeError where the K images are enumerated (``TraceEnum_ELBO``) but the
+        start found that the model does not broadcast over them: the model would fail
+        inside with a bare shape error, or broadcast wrongly. (In a guide list, which runs
+        no start, ``CWMELBO`` adds a note to the model's error instead.)"""
         model = self._raw_model
-        if model is not None and log_joint_route(self) is None:
-            points = latent.detach().reshape(-1, latent.shape[-1])[:2]
-            devices = [points.device] if points.is_cuda else []
-            with torch.random.fork_rng(devices=devices), outside_handlers(), torch.no_grad():
-                self._log_joint(args, kwargs)(points)
         if model is not None and log_joint_route(self) in (VMAP, LOOP):
             raise TypeError(
-                f"AutoCWM: the component images are enumerated (TraceEnum_ELBO, or CWMELBO "
-                f"with a guide list), which runs the model {model_name(model)} on all K "
-                "images in one call, but the model does not broadcast over them. Train a "
-                "single AutoCWM guide with inference.CWMELBO, which runs such a model point "
-                f"by point, or make the model broadcast. {VECTORIZE_HINT}."
+                f"AutoCWM: TraceEnum_ELBO enumerates the component images, which runs the "
+                f"model {model_name(model)} on all K images in one call, but the model does "
+                "not broadcast over them. Train with inference.CWMELBO, which runs such a "
+                f"model point by point, or make the model broadcast. {VECTORIZE_HINT}."
             )
 
     def sample_latent(self, *args, **kwargs) -> torch.Tensor:

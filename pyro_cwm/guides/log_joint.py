@@ -127,9 +127,9 @@ MODEL_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 
 VECTORIZE_HINT = (
     "To let it run as one batched call, write it so that every latent value may carry "
-    "extra dimensions on the left: X @ w as (X * w).sum(-1) or "
-    "torch.einsum('...d,nd->...n', w, X) (torch.mv and .dot likewise), w[..., i] rather "
-    "than w[i], .sum(-1) rather than .sum(); put the data points in a pyro.plate (not a "
+    "extra dimensions on the left: X @ w as (X * w).sum(-1) inside a data plate "
+    "(torch.mv and .dot likewise), w[..., i] rather than w[i], .sum(-1) rather than "
+    ".sum(); put the data points in a pyro.plate (not a "
     "Python loop, not .expand([N])), and write pyro.markov chains with the same "
     "broadcasting arithmetic"
 )

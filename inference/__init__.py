@@ -12,6 +12,7 @@ from inference.flow_gmm import evaluate_flow_gmm, fit_flow_gmm
 from inference.labels import LabelAlignment, align_labels
 from inference.svi import default_step_size, fit_svi
 from inference.svi.elbo import CWMELBO, unconstrained_log_joint
+from inference.svi.optim import FusedClippedAdam
 
 __all__ = [
     "CWMELBO",
@@ -19,6 +20,7 @@ __all__ = [
     "fit_density",
     "fit_svi",
     "default_step_size",
+    "FusedClippedAdam",
     "GaussianMixtureEM",
     "PSISDiagnostic",
     "psis_diagnostic",

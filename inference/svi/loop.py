@@ -31,6 +31,7 @@ from inference.svi.data_parallel import (
     synchronize_start,
 )
 from inference.svi.elbo import CWMELBO, cwm_guides
+from inference.svi.optim import FusedClippedAdam
 from pyro_cwm.guides.log_joint import enumerated_sites, max_plate_nesting
 from pyro_cwm.nn.checks import check_positive_int
 
@@ -216,7 +217,8 @@ def fit_svi(
             AutoCWM parts, else ``TraceEnum_ELBO`` if the model enumerates sites, or ``Trace_ELBO``.
         num_steps: maximum number of steps.
         optim: a Pyro optimizer (a ``PyroLRScheduler`` is stepped once per step); default
-            ``ClippedAdam`` (clip_norm 10) at [`default_step_size`][inference.default_step_size].
+            [`FusedClippedAdam`][inference.FusedClippedAdam] (Pyro's ``ClippedAdam``,
+            clip_norm 10, as one optimizer) at [`default_step_size`][inference.default_step_size].
         device: move tensor arguments there (e.g. ``"cuda"``). On an accelerator the model runs
             under ``torch.device`` of the data, so priors written with Python numbers work.
         progress: show progress: a bar with the loss when interactive, else one summary line.
@@ -255,7 +257,7 @@ def fit_svi(
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
     default_optim = optim is None
     if default_optim:
-        optim = pyro.optim.ClippedAdam({"lr": INITIAL_LR, "clip_norm": 10.0})
+        optim = FusedClippedAdam(lr=INITIAL_LR, clip_norm=10.0)
 
     history: dict[str, Any] = {
         "loss": [],
@@ -360,10 +362,7 @@ def fit_svi(
                 "step (try a smaller learning rate)"
             )
         if default_optim:
-            lr = default_step_size(step, num_steps)
-            for torch_optim in optim.optim_objs.values():
-                for group in torch_optim.param_groups:
-                    group["lr"] = lr
+            optim.set_lr(default_step_size(step, num_steps))
         optim(params)
         if isinstance(optim, pyro.optim.PyroLRScheduler):
             optim.step()

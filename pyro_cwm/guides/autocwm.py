@@ -99,7 +99,8 @@ class AutoCWM(AutoContinuous):
             [`init_to_prior_sample`][pyro_cwm.guides.autocwm.init_to_prior_sample]).
         init_scale: scale of the components (> 0) where the start has no Laplace widths.
         map_options: options of an explicit ``map``, e.g. ``{"flow": "maf"}`` with ``"flow"``.
-        num_starts: number of starting points (default 8 K, never fewer than K).
+        num_starts: number of starting points (default 8 K, or K above ``laplace_max_dim``
+            dimensions; never fewer than K).
         start_steps: Adam steps of each start's climb (0: none, and with K = ``num_starts`` = 1,
             ``laplace=False``, the component starts at ``init_loc_fn``'s point).
         start_lr: step size of the climb.
@@ -148,7 +149,7 @@ class AutoCWM(AutoContinuous):
         self._hidden_dims, self._map, self._map_options = tuple(hidden_dims), map, map_options
         self.map_chosen: str | None = None
         self._spread_init_fn = spread_init_fn
-        self._num_starts = max(num_components, num_starts or 8 * num_components)
+        self._num_starts = None if num_starts is None else max(num_components, num_starts)
         self._start_steps = check_positive_int("start_steps", start_steps, allow_zero=True)
         self._start_lr, self._start_threshold = start_lr, start_threshold
         self._laplace = bool(laplace)
@@ -290,8 +291,8 @@ class AutoCWM(AutoContinuous):
             loc = self._init_loc()
             locs = loc + self._init_scale * torch.randn(self.num_components, dim).to(loc)
             locs[0] = loc
-        eye = torch.eye(dim, dtype=locs.dtype, device=locs.device)
-        shift, matrix = torch.zeros_like(locs[0]), eye
+        # No preconditioner: the identity, held as a diagonal (O(d) memory at any size).
+        shift, matrix = torch.zeros_like(locs[0]), torch.ones_like(locs[0])
         scales = torch.full_like(locs, self._init_scale)
         precision = None  # the negative Hessian at the best start
         if use_laplace:
@@ -326,11 +327,20 @@ class AutoCWM(AutoContinuous):
             inner = self._separate(inner)
         self.cwm.set_gaussian_mixture(weights, inner, scales)
 
+    def _starts(self) -> int:
+        """The number of starts: ``num_starts``, by default 8 K, or K above
+        ``laplace_max_dim`` dimensions (there every start's climb costs about as much as a
+        step of the fit per climbing step, and the starts rarely find separate modes)."""
+        if self._num_starts is not None:
+            return self._num_starts
+        large = self.latent_dim > self._laplace_max_dim
+        return self.num_components * (1 if large else 8)
+
     def _model_start(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
         """Component locations from starts climbed up the model's log density."""
         starts = torch.stack(
             [self._init_loc()]
-            + [self._spread_loc(args, kwargs) for _ in range(self._num_starts - 1)]
+            + [self._spread_loc(args, kwargs) for _ in range(self._starts() - 1)]
         )
         starts, log_p = self._climb(starts, args, kwargs)
         use_laplace = self._laplace and self.latent_dim <= self._laplace_max_dim

@@ -211,6 +211,9 @@ class FlowMaps(ComponentMaps):
         bins: number of spline bins (``"nsf"`` only).
         flow_hidden_dims: hidden widths of G's conditioner networks.
         hidden_dims: hidden widths of the context network of the location-scale layer.
+        passes: (``"maf"`` only) the number of groups of coordinates in the autoregressive
+            order: None, one per coordinate (fully autoregressive; sampling costs ``dim``
+            passes); 2, a coupling (two passes).
     """
 
     def __init__(
@@ -223,6 +226,7 @@ class FlowMaps(ComponentMaps):
         transforms: int = 2,
         bins: int = 8,
         flow_hidden_dims: Sequence[int] = (64, 64),
+        passes: int | None = None,
     ) -> None:
         super().__init__(dim, num_components, context_dim)
         self.location_scale = LocationScaleMaps(dim, num_components, context_dim, hidden_dims)
@@ -235,7 +239,9 @@ class FlowMaps(ComponentMaps):
         if flow == "nsf":
             built = zuko.flows.NSF(bins=check_positive_int("bins", bins), passes=2, **common)
         elif flow == "maf":
-            built = zuko.flows.MAF(**common)
+            if passes is not None and check_positive_int("passes", passes) >= dim:
+                passes = None  # one pass per coordinate: fully autoregressive
+            built = zuko.flows.MAF(passes=passes, **common)
         else:
             raise ValueError(f"flow must be 'nsf' or 'maf', got {flow!r}")
         self.flow = built.transform
@@ -318,10 +324,11 @@ def build_maps(
 class PreconditionedMaps(nn.Module):
     """K maps followed by one fixed affine map shared by all: ``x_k = shift + A S_k(z)``.
 
-    ``A`` (d, d, invertible) and ``shift`` (d,) are buffers, not parameters: a
-    preconditioner that makes the inner maps' parameters well scaled (AutoCWM sets it
-    from the curvature of the log density at its best start). The inner maps module is
-    held, not copied; its parameters live in the coordinates ``y = A^{-1}(x - shift)``.
+    ``A`` (d, d, invertible; or (d,), a diagonal, which keeps memory and time O(d) for
+    large d) and ``shift`` (d,) are buffers, not parameters: a preconditioner that makes
+    the inner maps' parameters well scaled (AutoCWM sets it from the curvature of the log
+    density at its best start). The inner maps module is held, not copied; its parameters
+    live in the coordinates ``y = A^{-1}(x - shift)``.
     ``log|det dT_k^{-1}/dx| = ladj_inner - log|det A|``.
     """
 
@@ -330,21 +337,31 @@ class PreconditionedMaps(nn.Module):
         self.maps = maps
         self.dim, self.num_components = maps.dim, maps.num_components
         self.context_dim = maps.context_dim
-        if shift.shape != (self.dim,) or matrix.shape != (self.dim, self.dim):
+        d = self.dim
+        if shift.shape != (d,) or matrix.shape not in ((d, d), (d,)):
             raise ValueError(
-                f"shift and matrix must have shapes ({self.dim},) and ({self.dim}, {self.dim}), "
-                f"got {tuple(shift.shape)} and {tuple(matrix.shape)}"
+                f"shift and matrix must have shapes ({d},) and ({d}, {d}) or ({d},), got "
+                f"{tuple(shift.shape)} and {tuple(matrix.shape)}"
             )
+        self.diagonal = matrix.dim() == 1
         self.register_buffer("shift", shift.detach().clone())
         self.register_buffer("matrix", matrix.detach().clone())
-        self.register_buffer("inverse_matrix", torch.linalg.inv(self.matrix))
-        self.register_buffer("log_abs_det", torch.linalg.slogdet(self.matrix)[1])
+        if self.diagonal:
+            self.register_buffer("inverse_matrix", self.matrix.reciprocal())
+            self.register_buffer("log_abs_det", self.matrix.abs().log().sum())
+        else:
+            self.register_buffer("inverse_matrix", torch.linalg.inv(self.matrix))
+            self.register_buffer("log_abs_det", torch.linalg.slogdet(self.matrix)[1])
 
     def to_inner(self, x: Tensor) -> Tensor:
         """The preconditioned coordinates ``A^{-1}(x - shift)`` of points x (..., d)."""
+        if self.diagonal:
+            return (x - self.shift) * self.inverse_matrix
         return (x - self.shift) @ self.inverse_matrix.T
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.diagonal:
+            return self.shift + self.maps(z, context) * self.matrix
         return self.shift + self.maps(z, context) @ self.matrix.T
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -323,6 +323,24 @@ def test_preconditioned_maps_invert_and_count_the_shared_jacobian():
         PreconditionedMaps(inner, shift[:2], matrix)
 
 
+def test_diagonal_preconditioned_maps_are_the_dense_ones_with_that_diagonal():
+    torch.manual_seed(1)
+    d, K = 4, 3
+    inner = build_maps("location_scale", d, K).double()
+    with torch.no_grad():
+        for p in inner.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    diagonal = torch.rand(d, dtype=torch.float64) + 0.5
+    shift = torch.randn(d, dtype=torch.float64)
+    sparse = PreconditionedMaps(inner, shift, diagonal)
+    dense = PreconditionedMaps(inner, shift, torch.diag(diagonal))
+    z = torch.randn(6, d, dtype=torch.float64)
+    assert torch.allclose(sparse(z), dense(z), atol=1e-12)
+    x = dense(z)[:, 1]
+    for got, want in zip(sparse.inverse(x), dense.inverse(x)):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
 def test_map_choices_are_the_families_and_the_maf_preset():
     assert map_arguments("affine") == {"map": "affine", "map_options": None}
     maf = map_arguments("maf")
@@ -338,6 +356,27 @@ def test_map_choices_are_the_families_and_the_maf_preset():
             assert getattr(t.univariate, "func", t.univariate) is univariate
     with pytest.raises(ValueError, match="map must be one of"):
         map_arguments("spline")
+
+
+def test_maf_passes_group_the_coordinates_and_keep_a_normalized_density():
+    # passes=2 in 4-D: a coupling (two passes to sample); passes >= dim: fully autoregressive.
+    for passes, expected in ((2, 2), (4, 4), (9, 4)):
+        cwm = CWM(4, 2, map="flow", map_options={"flow": "maf", "passes": passes})
+        assert all(t.passes == expected for t in cwm.maps.flow.transforms)
+    cwm = random_cwm(2, 3, "flow", scale=0.2).double()
+    cwm.maps.flow = CWM(2, 3, map="flow", map_options={"flow": "maf", "passes": 1}).maps.flow
+    cwm = cwm.double()
+    with torch.no_grad():  # a flow that is not the identity
+        for p in cwm.maps.flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    nodes, weights = composite_gauss_legendre(-30.0, 30.0, panels=30, nodes=20)
+    x, w = torch.tensor(nodes), torch.tensor(weights)
+    grid = torch.stack(torch.meshgrid(x, x, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        density = cwm().log_prob(grid).exp().reshape(len(x), len(x))
+    assert (w[:, None] * w[None, :] * density).sum().item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="passes"):
+        CWM(3, 2, map="flow", map_options={"flow": "maf", "passes": 0})
 
 
 def test_moments_of_a_gaussian_mixture_match_the_closed_form():

@@ -36,6 +36,7 @@ from pyro_cwm.guides.laplace import (
 )
 from pyro_cwm.guides.log_joint import (
     LOOP,
+    MODEL_ERRORS,
     VECTORIZE_HINT,
     VMAP,
     is_enumerated,
@@ -609,7 +610,7 @@ class AutoCWM(AutoContinuous):
         outer = max((-f.dim for f in get_plates() if f.vectorized and f.dim is not None), default=0)
         enumerated = latent.dim() - 1 > outer
         if enumerated:
-            self._require_broadcasting_model()
+            self._require_broadcasting_model(latent, args, kwargs)
         result = {}
         for site, unconstrained in self._unpack_latent(latent):
             name, event_dim = site["name"], site["fn"].event_dim
@@ -629,18 +630,34 @@ class AutoCWM(AutoContinuous):
                 result[name] = pyro.sample(name, fn)
         return result
 
-    def _require_broadcasting_model(self) -> None:
+    def _require_broadcasting_model(self, latent: torch.Tensor, args: tuple, kwargs: dict):
         """Raise a TypeError where the K images are enumerated (``TraceEnum_ELBO``) but the
-        start found that the model does not broadcast over them: the model would fail
-        inside with a bare shape error, or broadcast wrongly. (In a guide list, which runs
-        no start, ``CWMELBO`` adds a note to the model's error instead.)"""
+        model does not broadcast over them: it would fail inside with a bare shape error,
+        or broadcast wrongly. The start chose the model's route; in a guide list, which
+        runs no start (and whose model hides the other parts' sites), two of the images
+        choose it here, with the ELBO's plate nesting, the random state left as it was."""
         model = self._raw_model
-        if model is not None and log_joint_route(self) in (VMAP, LOOP):
+        if model is None:
+            return
+        if log_joint_route(self) is None:
+            points = latent.detach().reshape(-1, latent.shape[-1])[:2]
+            devices = [points.device] if points.is_cuda else []
+            own = self.max_plate_nesting
+            self.max_plate_nesting = max(own, latent.dim() - 2)  # the ELBO's, from the images
+            try:
+                with torch.random.fork_rng(devices), outside_handlers(), torch.no_grad():
+                    self._log_joint(args, kwargs)(points)
+            except MODEL_ERRORS:
+                pass  # the model fails at single points too: its own error follows
+            finally:
+                self.max_plate_nesting = own
+        if log_joint_route(self) in (VMAP, LOOP):
             raise TypeError(
                 f"AutoCWM: TraceEnum_ELBO enumerates the component images, which runs the "
                 f"model {model_name(model)} on all K images in one call, but the model does "
                 "not broadcast over them. Train with inference.CWMELBO, which runs such a "
-                f"model point by point, or make the model broadcast. {VECTORIZE_HINT}."
+                f"model point by point (for a guide list: make the model broadcast). "
+                f"{VECTORIZE_HINT}."
             )
 
     def sample_latent(self, *args, **kwargs) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pyro_cwm.nn import MAP_CHOICES, map_arguments
 
 # Every family of maps, and "maf": the flow family with an autoregressive affine flow.
 MAP_KINDS = list(MAP_CHOICES)
-FLOW_KINDS = ("flow", "maf")
+FLOW_KINDS = ("flow", "maf", "iaf")
 
 
 def map_kwargs(map, flow_hidden_dims=None):

@@ -437,10 +437,12 @@ def step_cost(
     components: int, steps: int = 300, target: str = "eight_schools", device: str = "cpu"
 ) -> dict:
     """Seconds per SVI step on ``target`` (eight schools, or the 100-D regression
-    ``linreg100`` of the zoo): AutoNormal (Trace_ELBO) against AutoCWM with K components
-    (CWMELBO), one particle each, after 20 warm-up steps. On ``device`` the model's
-    arguments are moved there and the model's own constants are made there too (the fit
-    runs inside ``with torch.device(device)``)."""
+    ``linreg100`` of the zoo) with ``fit_svi``'s defaults, after 20 warm-up steps:
+    AutoNormal and AutoIAFNormal (2 transforms; Trace_ELBO), AutoCWM with K location-scale
+    components (CWMELBO, one particle) and AutoCWM with every default (``map="auto"``,
+    which picks a flow on eight schools, a funnel). On ``device`` the model's arguments
+    are moved there and the model's own constants are made there too (the fit runs inside
+    ``with torch.device(device)``)."""
     if target == "eight_schools":
         model, args = eight_schools, (EIGHT_SCHOOLS_Y, EIGHT_SCHOOLS_SIGMA)
     elif target in STEP_COST_TARGETS:
@@ -448,22 +450,28 @@ def step_cost(
         model, args = posterior.model, posterior.args
     else:
         raise ValueError(f"step cost: unknown target {target!r}, not one of {STEP_COST_TARGETS}")
-    times = {}
+    times, chosen = {}, None
     with torch.device(device):
-        for name in ("AutoNormal", "AutoCWM"):
+        for name in ("AutoNormal", "AutoIAFNormal", "AutoCWM", "AutoCWM:auto"):
             pyro.clear_param_store()
             pyro.set_rng_seed(0)
+            loss = None  # fit_svi's default
             if name == "AutoNormal":
-                guide, loss = AutoNormal(model), pyro.infer.Trace_ELBO()
-            else:
-                # location-scale maps, as the step-cost goal was set for (the default
-                # map="auto" gives eight schools, a funnel, the autoregressive flow)
+                guide = AutoNormal(model)
+            elif name == "AutoIAFNormal":
+                guide = AutoIAFNormal(model, num_transforms=2)
+            elif name == "AutoCWM":
+                # location-scale maps, as the step-cost goal was set for
                 guide = AutoCWM(model, num_components=components, map="location_scale")
                 loss = CWMELBO()
+            else:
+                guide = AutoCWM(model, num_components=components)
             options = {"loss": loss, "progress": False, "device": device}
             fit_svi(model, guide, *args, num_steps=20, **options)
             history = fit_svi(model, guide, *args, num_steps=steps, **options)
             times[name] = history["time_s"] / steps
+            if name == "AutoCWM:auto":
+                chosen = guide.map_chosen
     ratio = times["AutoCWM"] / times["AutoNormal"]
     return {
         "target": target,
@@ -471,9 +479,13 @@ def step_cost(
         "K": components,
         "steps": steps,
         "autonormal_s": times["AutoNormal"],
+        "autoiafnormal_s": times["AutoIAFNormal"],
         "autocwm_s": times["AutoCWM"],
         "ratio": ratio,
         "ratio_over_K": ratio / components,
+        "autocwm_auto_s": times["AutoCWM:auto"],
+        "auto_map": chosen,
+        "auto_over_iaf": times["AutoCWM:auto"] / times["AutoIAFNormal"],
     }
 
 

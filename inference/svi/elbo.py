@@ -155,7 +155,8 @@ class CWMELBO(ELBO):
     2017): in ``log q(T_k u)`` the parameters enter only through the point, not through
     the density's own parameters. The dropped score term has expectation zero, so the
     estimate stays unbiased, and its variance vanishes as q approaches the posterior.
-    An ``AutoGuideList`` keeps the full gradient.
+    An ``AutoGuideList`` keeps the full gradient, and so do maps that share one inverse
+    step (``FlowMaps(flow="iaf")``), whose density at the draws needs no inversion.
 
     Args:
         num_particles: draws u per step. None (default): 1, or ``RICH_MAP_PARTICLES``
@@ -219,12 +220,16 @@ class CWMELBO(ELBO):
         particles = self.num_particles
         if self._particles_by_map and guide.map_chosen != "location_scale":
             particles = RICH_MAP_PARTICLES
-        images, log_w = posterior.rsample_components((particles,))
-        p, k, d = images.shape
-        if self.path_gradient:
-            log_q = path_log_prob(posterior, images)
+        if posterior.maps.shares_inverse:
+            # The density at the images without inverting the flow: the full gradient.
+            images, log_w, log_q = posterior.rsample_components_with_log_prob((particles,))
         else:
-            log_q = posterior.log_prob(images)
+            images, log_w = posterior.rsample_components((particles,))
+            if self.path_gradient:
+                log_q = path_log_prob(posterior, images)
+            else:
+                log_q = posterior.log_prob(images)
+        p, k, d = images.shape
         log_p = unconstrained_log_joint(model, guide, images.reshape(p * k, d), *args, **kwargs)
         values = (log_w.exp() * (log_p.reshape(p, k) - log_q)).sum(-1)
         return values, log_w

@@ -159,6 +159,33 @@ class ClassifierWeightedMixture(TorchDistribution):
         z = self.reference.rsample(shape)
         return self.maps(z, self.context), self.classifier(z, self.context)
 
+    def rsample_components_with_log_prob(
+        self, sample_shape=Size()
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``rsample_components`` and the log-density at every image, ``(x, log_w,
+        log_p)`` with ``log_p`` of shape ``(*sample, *batch, K)``.
+
+        Where the maps share one inverse step (``maps.shares_inverse``: a flow applied
+        after the components' location-scale layer) the density at the images costs no
+        inversion: each image's shared point is known from drawing it. Otherwise it is
+        ``log_prob`` at the images. Differentiable in every parameter.
+        """
+        if not getattr(self.maps, "shares_inverse", False):
+            x, log_w = self.rsample_components(sample_shape)
+            return x, log_w, self.log_prob(x.movedim(-2, 0)).movedim(0, -1)
+        if self._validate_args:
+            self.check_context()
+        shape = self._extended_shape(sample_shape)[:-1]
+        z = self.reference.rsample(shape)
+        x, v, ladj_shared = self.maps.forward_shared(z, self.context)
+        context = self._component_context()  # (..., 1, c): one per image
+        points, ladj = self.maps.inverse_from_shared(v, context)  # (..., K images, K, d)
+        inner = None if context is None else context.unsqueeze(-2)
+        log_w_points = self.classifier(points, inner).diagonal(dim1=-2, dim2=-1)
+        joint = self.reference.log_prob(points) + log_w_points + ladj
+        log_p = joint.logsumexp(-1) + ladj_shared
+        return x, self.classifier(z, self.context), log_p
+
     @property
     def mean(self) -> Tensor:
         """The mean (*batch, d), estimated as in

@@ -71,6 +71,9 @@ class ComponentMaps(nn.Module):
         self.dim = check_positive_int("dim", dim)
         self.num_components = check_positive_int("num_components", num_components)
         self.context_dim = check_positive_int("context_dim", context_dim, allow_zero=True)
+        # Maps whose K inverses share one costly step G^{-1} have forward_shared and
+        # inverse_from_shared (FlowMaps with flow="iaf").
+        self.shares_inverse = False
 
     def _init_params(self, size: int, hidden_dims: Sequence[int]) -> None:
         """Per-component parameters of length ``size``, all zero (the identity map)."""
@@ -193,27 +196,32 @@ class AffineMaps(ComponentMaps):
 
 
 class FlowMaps(ComponentMaps):
-    """Flow maps ``T_k(z) = loc_k + scale_k * G^{-1}(z; k, c)``.
+    """Flow maps ``T_k(z) = loc_k + scale_k * G^{-1}(z; k, c)``, or with ``flow="iaf"``
+    ``T_k(z) = G(loc_k + scale_k * z; c)``.
 
     One conditional flow G, whose context is the one-hot component index k (and the CWM
     context c), serves all K maps; a location-scale layer places each component. The flow's
     output layers start at zero, so G starts as the identity and the CWM starts as its
     location-scale counterpart.
 
-    Two flows: ``"nsf"``, zuko's coupling neural spline flow (both directions cost one
-    pass), and ``"maf"``, zuko's fully autoregressive affine flow, in which every
-    coordinate's scale may depend on all coordinates before it (what a funnel needs: the
-    scale of x_i is a function of v); its inverse, used to sample, costs ``dim`` passes.
+    Three flows: ``"nsf"``, zuko's coupling neural spline flow (both directions cost one
+    pass); ``"maf"``, zuko's fully autoregressive affine flow, in which every coordinate's
+    scale may depend on all coordinates before it (what a funnel needs: the scale of x_i is
+    a function of v), whose inverse, used to sample, costs ``dim`` passes; and ``"iaf"``,
+    the same flow applied after the location-scale layer and shared by the components
+    (not conditioned on k): drawing costs one pass, and so does the density at the draws,
+    since every component's reference point follows from the one point G^{-1}(x)
+    (``forward_shared``); the density elsewhere costs ``dim`` passes.
 
     Args:
-        flow: ``"nsf"`` or ``"maf"``.
+        flow: ``"nsf"``, ``"maf"`` or ``"iaf"``.
         transforms: number of transforms in G.
         bins: number of spline bins (``"nsf"`` only).
         flow_hidden_dims: hidden widths of G's conditioner networks.
         hidden_dims: hidden widths of the context network of the location-scale layer.
-        passes: (``"maf"`` only) the number of groups of coordinates in the autoregressive
-            order: None, one per coordinate (fully autoregressive; sampling costs ``dim``
-            passes); 2, a coupling (two passes).
+        passes: (``"maf"``, ``"iaf"``) the number of groups of coordinates in the
+            autoregressive order: None, one per coordinate (fully autoregressive; a
+            ``"maf"`` draw costs ``dim`` passes); 2, a coupling (two passes).
     """
 
     def __init__(
@@ -230,20 +238,21 @@ class FlowMaps(ComponentMaps):
     ) -> None:
         super().__init__(dim, num_components, context_dim)
         self.location_scale = LocationScaleMaps(dim, num_components, context_dim, hidden_dims)
+        self.shares_inverse = flow == "iaf"
         common = {
             "features": dim,
-            "context": num_components + context_dim,
+            "context": (0 if self.shares_inverse else num_components) + context_dim,
             "transforms": check_positive_int("transforms", transforms),
             "hidden_features": check_hidden_dims(flow_hidden_dims, "flow_hidden_dims"),
         }
         if flow == "nsf":
             built = zuko.flows.NSF(bins=check_positive_int("bins", bins), passes=2, **common)
-        elif flow == "maf":
+        elif flow in ("maf", "iaf"):
             if passes is not None and check_positive_int("passes", passes) >= dim:
                 passes = None  # one pass per coordinate: fully autoregressive
             built = zuko.flows.MAF(passes=passes, **common)
         else:
-            raise ValueError(f"flow must be 'nsf' or 'maf', got {flow!r}")
+            raise ValueError(f"flow must be 'nsf', 'maf' or 'iaf', got {flow!r}")
         self.flow = built.transform
         self.reset_flow()
 
@@ -251,22 +260,52 @@ class FlowMaps(ComponentMaps):
     def reset_flow(self) -> None:
         """Make G the identity (zero output layers of its conditioners)."""
         for t in self.flow.transforms:
-            t.hyper[-1].weight.zero_()
-            t.hyper[-1].bias.zero_()
+            if hasattr(t, "hyper"):
+                t.hyper[-1].weight.zero_()
+                t.hyper[-1].bias.zero_()
+            else:  # zuko's element-wise transform (1-D, no context): free parameters
+                for p in t.parameters():
+                    p.zero_()
 
-    def _flow_context(self, like: Tensor, context: Tensor | None) -> Tensor:
+    def _flow_context(self, like: Tensor, context: Tensor | None) -> Tensor | None:
+        if self.shares_inverse:
+            return None if context is None else context.unsqueeze(-2)
         onehot = torch.eye(self.num_components, dtype=like.dtype, device=like.device)
         if context is None:
             return onehot
         return join_context(onehot, context.unsqueeze(-2))
 
+    def forward_shared(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(``flow="iaf"``) The images x (..., K, d) of z (..., d), and for each image its
+        shared point v = G^{-1}(x) (..., K, d) and log|det dG^{-1}/dx| there (..., K)."""
+        loc, log_scale = self.location_scale.loc_log_scale(context)
+        inner = loc + log_scale.exp() * z.unsqueeze(-2)
+        x, ladj = self.flow(self._flow_context(z, context)).call_and_ladj(inner)
+        return x, inner, -ladj
+
+    def inverse_from_shared(
+        self, v: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(``flow="iaf"``) Every component's reference point (..., K, d) of a shared point
+        v (..., d), and log|det| of that step (..., K): ``inverse`` without G^{-1}."""
+        return self.location_scale.inverse(v, context)
+
     def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.shares_inverse:
+            return self.forward_shared(z, context)[0]
         transform = self.flow(self._flow_context(z, context))
         u = transform.inv(z.unsqueeze(-2).expand(*z.shape[:-1], self.num_components, self.dim))
         loc, log_scale = self.location_scale.loc_log_scale(context)
         return loc + log_scale.exp() * u
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.shares_inverse:
+            flow_context = None if context is None else context
+            v, ladj_flow = self.flow(flow_context).inv.call_and_ladj(x)
+            z, ladj_affine = self.inverse_from_shared(v, context)
+            return z, ladj_affine + ladj_flow.unsqueeze(-1)
         u, ladj_affine = self.location_scale.inverse(x, context)
         z, ladj_flow = self.flow(self._flow_context(x, context)).call_and_ladj(u)
         return z, ladj_affine + ladj_flow
@@ -285,14 +324,18 @@ MAPS: dict[str, type[ComponentMaps]] = {
 
 # Named choices of a CWM's maps for command lines and benchmarks: the MAPS families plus
 # presets of their options.
-MAP_PRESETS: dict[str, tuple[str, dict]] = {"maf": ("flow", {"flow": "maf"})}
+MAP_PRESETS: dict[str, tuple[str, dict]] = {
+    "maf": ("flow", {"flow": "maf"}),
+    "iaf": ("flow", {"flow": "iaf", "transforms": 4}),
+}
 MAP_CHOICES: tuple[str, ...] = (*MAPS, *MAP_PRESETS)
 
 
 def map_arguments(name: str | None) -> dict:
     """``map`` and ``map_options`` keyword arguments of ``CWM``/``AutoCWM`` for a name of
-    ``MAP_CHOICES``: a family of ``MAPS`` as it is, or a preset such as ``"maf"`` (the
-    flow family with an autoregressive affine flow, ``map_options={"flow": "maf"}``).
+    ``MAP_CHOICES``: a family of ``MAPS`` as it is, or a preset: ``"maf"`` (the flow
+    family with an autoregressive affine flow, ``map_options={"flow": "maf"}``) or
+    ``"iaf"`` (that flow after the components, shared, with 4 transforms).
     None gives no arguments: the callee's default (AutoCWM's ``map="auto"``).
 
     Raises:
@@ -367,3 +410,19 @@ class PreconditionedMaps(nn.Module):
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z, ladj = self.maps.inverse(self.to_inner(x), context)
         return z, ladj - self.log_abs_det
+
+    @property
+    def shares_inverse(self) -> bool:
+        return self.maps.shares_inverse
+
+    def forward_shared(self, z: Tensor, context: Tensor | None = None):
+        """The inner maps' ``forward_shared``, the images preconditioned."""
+        inner, v, ladj = self.maps.forward_shared(z, context)
+        if self.diagonal:
+            x = self.shift + inner * self.matrix
+        else:
+            x = self.shift + inner @ self.matrix.T
+        return x, v, ladj - self.log_abs_det
+
+    def inverse_from_shared(self, v: Tensor, context: Tensor | None = None):
+        return self.maps.inverse_from_shared(v, context)

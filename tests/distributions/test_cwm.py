@@ -54,6 +54,8 @@ def test_density_integrates_to_one_2d(map):
     # Gauss-Legendre tensor product on a box holding all but a negligible part of the mass.
     # Splines are only C^1 at their knots, so the flow's quadrature converges more slowly.
     panels, tolerance = (30, 1e-3) if map == "flow" else (15, 1e-5)
+    if map == "iaf":  # four random affine transforms: sharper features
+        panels = 40
     nodes, weights = composite_gauss_legendre(-14.0, 14.0, panels=panels, nodes=20)
     x, w = torch.tensor(nodes), torch.tensor(weights)
     n = len(nodes)
@@ -345,6 +347,9 @@ def test_map_choices_are_the_families_and_the_maf_preset():
     assert map_arguments("affine") == {"map": "affine", "map_options": None}
     maf = map_arguments("maf")
     assert maf == {"map": "flow", "map_options": {"flow": "maf"}}
+    iaf = map_arguments("iaf")["map_options"]
+    assert iaf == {"flow": "iaf", "transforms": 4}
+    assert CWM(3, 2, **map_arguments("iaf")).maps.shares_inverse
     # The preset builds a fully autoregressive (3 passes in 3-D) affine flow; the default
     # flow is a spline coupling flow (2 passes).
     for name, passes, univariate in (
@@ -410,3 +415,22 @@ def test_moments_with_a_point_dependent_classifier_match_plain_draws_and_are_see
     # Both estimates' errors are ~1% of a standard deviation.
     assert ((mean - draws.mean(0)).abs() < 0.05 * variance.sqrt()).all()
     assert torch.allclose(variance, draws.var(0), rtol=0.05)
+
+
+@pytest.mark.parametrize("map", ["iaf", "location_scale"])
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_the_log_density_at_the_images_is_log_prob_there(map, context_dim):
+    # "iaf" reads it from each image's shared point, without inverting the flow.
+    cwm = random_cwm(3, 4, map, context_dim=context_dim, seed=3)
+    if map == "iaf":
+        with torch.no_grad():  # a flow that is not the identity
+            for p in cwm.maps.flow.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    context = torch.randn(5, context_dim, dtype=torch.float64) if context_dim else None
+    distribution = cwm(context)
+    x, log_w, log_p = distribution.rsample_components_with_log_prob((7,))
+    batch = (7, 5) if context_dim else (7,)
+    assert x.shape == batch + (4, 3) and log_w.shape == log_p.shape == batch + (4,)
+    expected = torch.stack([distribution.log_prob(x[..., k, :]) for k in range(4)], -1)
+    assert torch.allclose(log_p, expected, atol=1e-8)
+    assert cwm.maps.shares_inverse == (map == "iaf")

@@ -30,9 +30,14 @@ def normal_model():
     pyro.sample("x", dist.Normal(1.0, 2.0))
 
 
-def perturbed_guide(model, num_components=3, map="location_scale", seed=0):
+def perturbed_guide(model, num_components=3, map="location_scale", seed=0, map_options=None):
     guide = AutoCWM(
-        model, num_components=num_components, hidden_dims=(8,), map=map, laplace=False
+        model,
+        num_components=num_components,
+        hidden_dims=(8,),
+        map=map,
+        map_options=map_options,
+        laplace=False,
     ).double()
     with pyro.validation_enabled(False):
         guide()
@@ -67,10 +72,12 @@ def test_rao_blackwellized_elbo_is_unbiased_for_the_exact_elbo():
         torch.set_default_dtype(torch.float32)
 
 
-def test_rao_blackwellized_gradient_matches_the_exact_gradient():
+@pytest.mark.parametrize("map", ["location_scale", "iaf"])
+def test_rao_blackwellized_gradient_matches_the_exact_gradient(map):
+    # "iaf": the density at the draws from their shared points, the full gradient.
     torch.set_default_dtype(torch.float64)
     try:
-        guide = perturbed_guide(normal_model, seed=2)
+        guide = perturbed_guide(normal_model, seed=2, **map_kwargs(map))
         params = list(guide.cwm.parameters())
         target = dist.Normal(1.0, 2.0)
         exact = torch.autograd.grad(exact_elbo(guide, target.log_prob), params)

@@ -289,7 +289,7 @@ def test_density_step_suite_counts_the_classifier_flops(tmp_path):
     assert (tmp_path / "step.json").exists()
 
 
-def test_vi_step_cost_times_both_guides_on_each_target_and_writes_its_rows(tmp_path):
+def test_vi_step_cost_times_every_guide_on_each_target_and_writes_its_rows(tmp_path):
     out = tmp_path / "step.json"
     rows = vi.main(
         ["--step-cost", "--step-cost-targets", "eight_schools,linreg100",
@@ -299,6 +299,8 @@ def test_vi_step_cost_times_both_guides_on_each_target_and_writes_its_rows(tmp_p
         ("eight_schools", 2, "cpu"), ("linreg100", 2, "cpu")
     ]
     assert all(r["autonormal_s"] > 0 and r["autocwm_s"] > 0 for r in rows)
+    assert all(r["autoiafnormal_s"] > 0 and r["autocwm_auto_s"] > 0 for r in rows)
+    assert rows[0]["auto_map"] in ("maf", "iaf", "location_scale")
     assert json.loads(out.read_text())["rows"] == rows
     with pytest.raises(SystemExit):
         vi.main(["--step-cost", "--step-cost-targets", "ring"])

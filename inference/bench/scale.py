@@ -179,7 +179,8 @@ def child(target: str, dim: int, method: str, args, budget: float | None) -> dic
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"target": target, "dim": dim, "method": method, "error": last[:200]}
+        error = f"exit status {done.returncode}: {last[:200]}"
+        return {"target": target, "dim": dim, "method": method, "error": error}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

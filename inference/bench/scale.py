@@ -3,7 +3,8 @@
 Targets (``--targets``), at each latent dimension D of ``--dims``, N = ``--points`` rows:
 
 - ``linear``: w ~ N(0, 1)^D, y ~ N(X w, 1), X with AR(1) correlation 0.9 across columns
-  (so the posterior is strongly correlated), written ``w @ X.T`` with ``y`` one event.
+  (so the posterior is strongly correlated), written ``w @ X.T`` with ``y`` one event
+  (``pyro_cwm.data.zoo.linreg``).
   Its posterior is Gaussian and exact (through the D x D or, for D > N, the N x N system).
 - ``logistic``: the same w and X, y ~ Bernoulli(sigmoid(X w)), written as users write it,
   ``(X * w).sum(-1)`` in a data plate. No exact posterior: accuracy is not reported.
@@ -46,6 +47,7 @@ from torch import Tensor
 
 from inference.bench import write_rows
 from inference.svi import fit_svi
+from pyro_cwm.data.zoo import ar1_covariates, linreg
 from pyro_cwm.guides import AutoCWM
 
 METHODS = ("AutoCWM", "AutoNormal", "AutoLowRankMVN", "AutoMVN")
@@ -55,18 +57,9 @@ TARGETS = ("linear", "logistic")
 def design(num_points: int, dim: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """X (N, D) with AR(1) correlation 0.9 across columns, and the true weights (D,)."""
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_points, dim, generator=generator)
-    x = torch.empty_like(noise)
-    x[:, 0] = noise[:, 0]
-    for j in range(1, dim):
-        x[:, j] = 0.9 * x[:, j - 1] + math.sqrt(1 - 0.81) * noise[:, j]
+    x = ar1_covariates(num_points, dim, generator)
     w = torch.randn(dim, generator=generator) / math.sqrt(dim) * 3
     return x, w
-
-
-def linear(x: Tensor, y: Tensor) -> None:
-    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
-    pyro.sample("y", dist.Normal(w @ x.T, 1.0).to_event(1), obs=y)
 
 
 def logistic(x: Tensor, y: Tensor) -> None:
@@ -81,7 +74,7 @@ def make_target(name: str, dim: int, num_points: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed + 1)
     if name == "linear":
         y = x @ w + torch.randn(num_points, generator=generator)
-        return linear, (x, y)
+        return linreg, (x, y)
     if name == "logistic":
         y = torch.bernoulli(torch.sigmoid(x @ w), generator=generator)
         return logistic, (x, y)
@@ -89,8 +82,9 @@ def make_target(name: str, dim: int, num_points: int, seed: int = 0):
 
 
 def linear_posterior(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact posterior mean and marginal sds (D,) of ``linear``: through the D x D
-    precision I + X^T X, or for D > N through Woodbury's N x N system I + X X^T."""
+    """Exact posterior mean and marginal sds (D,) of ``linear`` (the zoo's ``linreg``):
+    through the D x D precision I + X^T X, or for D > N through Woodbury's N x N system
+    I + X X^T."""
     x, y = x.double(), y.double()
     n, d = x.shape
     if d <= n:

@@ -288,17 +288,26 @@ def linreg_posterior(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
     return mean, 0.5 * (cov + cov.T), log_z
 
 
+def ar1_covariates(
+    num_points: int, dim: int, generator: torch.Generator, rho: float = 0.9
+) -> Tensor:
+    """Covariates (num_points, dim), standard normal each, with AR(1) correlation ``rho``
+    across columns (a strongly correlated regression posterior)."""
+    noise = torch.randn(num_points, dim, generator=generator)
+    x = torch.empty_like(noise)
+    x[:, 0] = noise[:, 0]
+    for j in range(1, dim):
+        x[:, j] = rho * x[:, j - 1] + math.sqrt(1 - rho**2) * noise[:, j]
+    return x
+
+
 def make_linreg100(
     dim: int = 100, num_points: int = 200, num_draws: int = 10_000, seed: int = 0
 ) -> ZooPosterior:
     """The 100-D regression on simulated data: covariates with AR(1) correlation 0.9
     across columns, so the posterior is strongly correlated; exact reference draws."""
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_points, dim, generator=generator)
-    x = torch.empty_like(noise)
-    x[:, 0] = noise[:, 0]
-    for j in range(1, dim):
-        x[:, j] = 0.9 * x[:, j - 1] + math.sqrt(1 - 0.81) * noise[:, j]
+    x = ar1_covariates(num_points, dim, generator)
     w = torch.randn(dim, generator=generator)
     y = x @ w + LINREG_SIGMA * torch.randn(num_points, generator=generator)
     mean, cov, log_z = linreg_posterior(x, y)

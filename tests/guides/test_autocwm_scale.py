@@ -4,7 +4,8 @@ import pyro
 import torch
 
 from inference import fit_svi
-from inference.bench.scale import linear, linear_posterior
+from inference.bench.scale import linear_posterior
+from pyro_cwm.data.zoo import linreg as linear
 from pyro_cwm.guides import AutoCWM
 
 D, N, K = 30, 200, 3

@@ -216,9 +216,8 @@ def fit_svi(
         loss (pyro.infer.ELBO | None): default [`CWMELBO`][inference.CWMELBO] for a guide with
             AutoCWM parts, else ``TraceEnum_ELBO`` if the model enumerates sites, or ``Trace_ELBO``.
         num_steps: maximum number of steps.
-        optim: a Pyro optimizer (a ``PyroLRScheduler`` is stepped once per step); default
-            [`FusedClippedAdam`][inference.FusedClippedAdam] (Pyro's ``ClippedAdam``,
-            clip_norm 10, as one optimizer) at [`default_step_size`][inference.default_step_size].
+        optim: a Pyro optimizer (a ``PyroLRScheduler`` is stepped once per step);
+            default ``FusedClippedAdam`` at [`default_step_size`][inference.default_step_size].
         device: move tensor arguments there (e.g. ``"cuda"``). On an accelerator the model runs
             under ``torch.device`` of the data, so priors written with Python numbers work.
         progress: show progress: a bar with the loss when interactive, else one summary line.

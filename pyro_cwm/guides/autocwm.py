@@ -100,8 +100,7 @@ class AutoCWM(AutoContinuous):
             [`init_to_prior_sample`][pyro_cwm.guides.autocwm.init_to_prior_sample]).
         init_scale: scale of the components (> 0) where the start has no Laplace widths.
         map_options: options of an explicit ``map``, e.g. ``{"flow": "maf"}`` with ``"flow"``.
-        num_starts: number of starting points (default 8 K, or K above ``laplace_max_dim``
-            dimensions; never fewer than K).
+        num_starts: number of starting points (default 8 K; K above ``laplace_max_dim``).
         start_steps: Adam steps of each start's climb (0: none, and with K = ``num_starts`` = 1,
             ``laplace=False``, the component starts at ``init_loc_fn``'s point).
         start_lr: step size of the climb.

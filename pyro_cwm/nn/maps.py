@@ -302,8 +302,7 @@ class FlowMaps(ComponentMaps):
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.shares_inverse:
-            flow_context = None if context is None else context
-            v, ladj_flow = self.flow(flow_context).inv.call_and_ladj(x)
+            v, ladj_flow = self.flow(context).inv.call_and_ladj(x)
             z, ladj_affine = self.inverse_from_shared(v, context)
             return z, ladj_affine + ladj_flow.unsqueeze(-1)
         u, ladj_affine = self.location_scale.inverse(x, context)
@@ -402,10 +401,14 @@ class PreconditionedMaps(nn.Module):
             return (x - self.shift) * self.inverse_matrix
         return (x - self.shift) @ self.inverse_matrix.T
 
-    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+    def from_inner(self, y: Tensor) -> Tensor:
+        """The points ``shift + A y`` of preconditioned coordinates y (..., d)."""
         if self.diagonal:
-            return self.shift + self.maps(z, context) * self.matrix
-        return self.shift + self.maps(z, context) @ self.matrix.T
+            return self.shift + y * self.matrix
+        return self.shift + y @ self.matrix.T
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.from_inner(self.maps(z, context))
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z, ladj = self.maps.inverse(self.to_inner(x), context)
@@ -418,11 +421,7 @@ class PreconditionedMaps(nn.Module):
     def forward_shared(self, z: Tensor, context: Tensor | None = None):
         """The inner maps' ``forward_shared``, the images preconditioned."""
         inner, v, ladj = self.maps.forward_shared(z, context)
-        if self.diagonal:
-            x = self.shift + inner * self.matrix
-        else:
-            x = self.shift + inner @ self.matrix.T
-        return x, v, ladj - self.log_abs_det
+        return self.from_inner(inner), v, ladj - self.log_abs_det
 
     def inverse_from_shared(self, v: Tensor, context: Tensor | None = None):
         return self.maps.inverse_from_shared(v, context)

@@ -42,6 +42,8 @@ def random_cwm(
         num_components,
         hidden_dims=hidden_dims,
         context_dim=context_dim,
+        # Raw contexts: the grids of the quadrature tests are sized for this family.
+        standardize_context=False,
         **map_kwargs(map, flow_hidden_dims=(16,)),
     ).to(dtype)
     # Perturb around the identity maps (not the spread start): the quadrature tests' grids

@@ -180,7 +180,12 @@ class MixtureDensityNetwork(PyroModule):
                 raise ValueError(
                     f"the cwm head has noise_type 'diagonal' or 'full', got {noise_type!r}"
                 )
-            options = {"map": _CWM_MAP.get(noise_type), **self.cwm_options}
+            # The trunk's inputs are standardized (standardize_inputs), not its features.
+            options = {
+                "map": _CWM_MAP.get(noise_type),
+                "standardize_context": False,
+                **self.cwm_options,
+            }
             self.head = CWM(output_dim, num_components, context_dim=width, **options)
             # The CWM starts with K identical components and uniform weights, a symmetric
             # point that gradients never leave: randomize the maps' last layer.

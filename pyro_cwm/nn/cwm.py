@@ -59,6 +59,9 @@ class CWM(nn.Module):
         context_dim: dimension of the context; 0 for an unconditional CWM.
         map_options: keyword arguments of the maps family (the class that
             [`MAPS`][pyro_cwm.nn.MAPS] holds under ``map``).
+        standardize_context: feed the networks ``(context - mean) / std``, with the mean
+            and std of the first context the module is called with (buffers, saved in the
+            ``state_dict``); the distribution is still conditional on the raw context.
 
     Initially the classifier is constant (uniform weights) and the components are spread
     over the reference (see [`reference_cells`][pyro_cwm.nn.cwm.reference_cells]): K
@@ -79,6 +82,7 @@ class CWM(nn.Module):
         map: str = "location_scale",
         context_dim: int = 0,
         map_options: dict[str, Any] | None = None,
+        standardize_context: bool = True,
     ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
@@ -92,6 +96,11 @@ class CWM(nn.Module):
         self.classifier = SoftmaxClassifier(dim, num_components, self.hidden_dims, context_dim)
         self.register_buffer("reference_loc", torch.zeros(dim))
         self.register_buffer("reference_scale", torch.ones(dim))
+        self.standardize_context = bool(standardize_context)
+        self.register_buffer("context_loc", torch.zeros(self.context_dim))
+        self.register_buffer("context_scale", torch.ones(self.context_dim))
+        self.register_buffer("context_set", torch.tensor(False))
+        self._context_set = False  # a Python copy: no device sync on every call
         if num_components > 1:
             loc, scale = reference_cells(num_components, dim)
             self.set_gaussian_mixture(torch.ones(num_components), loc, scale)
@@ -105,6 +114,7 @@ class CWM(nn.Module):
             "map": self.map,
             "context_dim": self.context_dim,
             "map_options": self.map_options,
+            "standardize_context": self.standardize_context,
         }
 
     def reference(self) -> torch.distributions.Distribution:
@@ -115,7 +125,30 @@ class CWM(nn.Module):
         """The distribution ``p(x)``, or ``p(x | context)`` for a context (..., context_dim)."""
         if context is not None and isinstance(context, Tensor):
             context = context.to(self.reference_loc.dtype)
+            if self.standardize_context and context.shape[-1:] == (self.context_dim,):
+                if not self._context_set:
+                    self._set_context_scaling(context)
+                context = (context - self.context_loc) / self.context_scale
         return ClassifierWeightedMixture(self.reference(), self.maps, self.classifier, context)
+
+    @torch.no_grad()
+    def _set_context_scaling(self, context: Tensor) -> None:
+        # A first call with one context row centres nothing (its std is undefined); rows
+        # holding NaN or inf are left to the distribution's check, which names the site.
+        rows = context.detach().reshape(-1, self.context_dim)
+        rows = rows[torch.isfinite(rows).all(-1)]
+        if rows.shape[0] == 0:
+            return
+        if rows.shape[0] > 1:
+            std = rows.std(dim=0)
+            self.context_loc.copy_(rows.mean(dim=0))
+            self.context_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        self.context_set.fill_(True)
+        self._context_set = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._context_set = bool(self.context_set)
 
     def set_gaussian_mixture(self, weights: Tensor, loc: Tensor, scale: Tensor) -> None:
         """Make the CWM equal the diagonal Gaussian mixture ``sum_k w_k N(loc_k, diag scale_k^2)``.

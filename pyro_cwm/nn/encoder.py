@@ -25,8 +25,9 @@ class CWMEncoder(nn.Module):
 
     and train with [`CWMELBO`][inference.CWMELBO] (or ``TraceEnum_ELBO`` on
     [`rao_blackwellize(guide)`][pyro_cwm.guides.rao_blackwellize]). The components start
-    spread over N(0, I) and independent of x (the CWM's start); CWMELBO's classifier
-    warm-up lets each move to a mode before the weights adapt.
+    spread over N(0, I) and independent of x (the CWM's start), the CWM standardizes h
+    with the first batch's mean and sd, and CWMELBO's classifier warm-up lets each
+    component move to a mode before the weights adapt.
 
     Args:
         features: the user's feature network, ``x -> h`` of shape (..., feature_dim).

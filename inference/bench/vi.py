@@ -18,7 +18,8 @@ and a note.
 
 Where a method does not apply to a model as it is, the bench adapts the method and says
 so in the note: a model with local latents in a subsampled plate gets an ``AutoGuideList``
-(the method on the global sites, ``AutoNormal`` on the local ones) and no PSIS (the local
+(the method on the global sites, ``AutoLocalNormal`` on the local ones; ``--local
+ mean-field``: ``AutoNormal``) and no PSIS (the local
 guide covers one subsample only); Pyro's guides see an enumerated model with its discrete
 sites hidden and train with ``TraceEnum_ELBO``; NUTS and PSIS run subsampled models on full
 data. A method that still raises gives a row of NaNs with the error in the note.
@@ -95,7 +96,7 @@ from pyro_cwm.data.posteriordb import POSTERIORS, load_reference_posterior
 from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.data.zoo import ZOO
-from pyro_cwm.guides import AutoCWM
+from pyro_cwm.guides import AutoCWM, AutoLocalNormal
 from pyro_cwm.guides.laplace import log_joint_derivatives, newton_refine
 from pyro_cwm.guides.log_joint import enumerated_sites
 from pyro_cwm.nn import map_arguments
@@ -190,6 +191,7 @@ def make_guide(
     components: int,
     problem: Problem | None = None,
     cwm_particles: int | None = 4,
+    local: str = "conditional",
 ):
     """The guide of method ``name`` for ``model`` and its loss (None: ``fit_svi``'s default).
 
@@ -198,7 +200,8 @@ def make_guide(
     maps, four for richer ones).
 
     With ``problem.global_sites`` (local latents in a subsampled plate) the guide is an
-    ``AutoGuideList``: the method on the global sites, ``AutoNormal`` on the local ones.
+    ``AutoGuideList``: the method on the global sites, then on the local ones
+    ``AutoLocalNormal`` (``local="conditional"``) or ``AutoNormal`` (``"mean-field"``).
     With enumerated sites (``config_enumerate``) Pyro's guides see the model with its
     discrete sites hidden (exposing the compared sites, as Pyro's enumeration tutorial
     does), and ``fit_svi``'s default loss for them is ``TraceEnum_ELBO``; AutoCWM takes the
@@ -224,7 +227,13 @@ def make_guide(
     if global_sites:
         guides = AutoGuideList(model)
         guides.append(guide)
-        guides.append(AutoNormal(poutine.block(model, hide=global_sites)))
+        local_model = poutine.block(model, hide=global_sites)
+        if local == "conditional":
+            guides.append(AutoLocalNormal(local_model, given=guide))
+        elif local == "mean-field":
+            guides.append(AutoNormal(local_model))
+        else:
+            raise ValueError(f"local must be 'conditional' or 'mean-field', got {local!r}")
         guide = guides
     return guide, loss
 
@@ -282,7 +291,9 @@ def run_vi(problem: Problem, method: str, args) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     particles = None if args.fit_defaults else args.cwm_particles
-    guide, loss = make_guide(method, problem.model, args.components, problem, particles)
+    guide, loss = make_guide(
+        method, problem.model, args.components, problem, particles, local=args.local
+    )
     started = time.perf_counter()
     fit_svi(
         problem.model,
@@ -303,7 +314,8 @@ def run_vi(problem: Problem, method: str, args) -> dict:
         elbo = log_z = k_hat = math.nan
         notes.append(
             f"AutoGuideList ({method} on {','.join(problem.global_sites)}, "
-            "AutoNormal on the local sites); PSIS n/a (subsampled local latents)"
+            f"{'AutoLocalNormal' if args.local == 'conditional' else 'AutoNormal'} on the "
+            "local sites); PSIS n/a (subsampled local latents)"
         )
     else:
         psis_args = problem.full_args if problem.full_args is not None else problem.args
@@ -527,6 +539,12 @@ def main(argv=None) -> list[dict]:
         "--methods", default="AutoNormal,AutoMVN,AutoIAFNormal,AutoCWM,AutoCWM:flow,NUTS"
     )
     p.add_argument("--components", type=int, default=8)
+    p.add_argument(
+        "--local",
+        choices=["conditional", "mean-field"],
+        default="conditional",
+        help="the local part of a guide list: AutoLocalNormal or AutoNormal",
+    )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument(
         "--fit-defaults",
@@ -683,9 +701,10 @@ def seed_summary(rows: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["target"], row["method"]), []).append(row)
-    lines = [f"{'target':18s} {'method':14s} {'n':>3s} " + " ".join(
-        f"{c:>11s}" for c in ("energy mean", "median", "worst", "err mean", "worst")
-    )]
+    lines = [
+        f"{'target':18s} {'method':14s} {'n':>3s} "
+        + " ".join(f"{c:>11s}" for c in ("energy mean", "median", "worst", "err mean", "worst"))
+    ]
     for (target, method), group in groups.items():
         energy, error = ([r[c] for r in group] for c in ("energy", "mean_err"))
         figures = [statistics.fmean(energy), statistics.median(energy), max(energy)]

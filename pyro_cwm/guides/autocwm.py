@@ -261,10 +261,11 @@ class AutoCWM(AutoContinuous):
                     raise ValueError(
                         f"AutoCWM cannot guide site {name!r}, which lies in the subsampled plate "
                         f"{frame.name!r}: guide the global sites with AutoCWM and the local ones "
-                        "with AutoNormal (or AutoDelta), combined in an AutoGuideList: "
-                        "guide.append(AutoCWM(poutine.block(model, expose=[global sites]))) "
-                        "and guide.append(AutoNormal(poutine.block(model, hide=[global "
-                        "sites]))); then train with CWMELBO or TraceEnum_ELBO"
+                        "with AutoLocalNormal, combined in an AutoGuideList: "
+                        "guide.append(cwm := AutoCWM(poutine.block(model, expose=[global "
+                        "sites]))) and guide.append(AutoLocalNormal(poutine.block(model, "
+                        "hide=[global sites]), given=cwm)); then train with CWMELBO or "
+                        "TraceEnum_ELBO"
                     )
 
     def _initialize(self, args: tuple, kwargs: dict) -> None:

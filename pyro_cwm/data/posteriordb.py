@@ -301,6 +301,16 @@ POSTERIORS = [
 ]
 
 
+# Posteriors whose model takes data fields as they are, in float64: posteriordb file stem,
+# model, fields.
+_FLOAT64_FIELDS = {
+    "gp_pois_regr": ("gp_pois_regr-gp_pois_regr", gp_pois_regr, ("x", "k")),
+    "hmm_drive_0": ("bball_drive_event_0-hmm_drive_0", hmm_drive, ("u", "v", "alpha")),
+    "hmm_example": ("hmm_example-hmm_example", hmm_example, ("y",)),
+    "blr": ("sblrc-blr", blr, ("X", "y")),
+}
+
+
 def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
     """Load posterior ``name`` (one of ``POSTERIORS``) from the refpost folder ``root``.
 
@@ -314,6 +324,11 @@ def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
     """
     root = Path(root)
     tensor = torch.tensor
+    if name in _FLOAT64_FIELDS:
+        stem, model, fields = _FLOAT64_FIELDS[name]
+        data, columns, draws = _read(root, stem)
+        args = tuple(tensor(data[field], dtype=torch.float64) for field in fields)
+        return ReferencePosterior(name, model, args, columns, draws.double())
     if name == "eight_schools":
         data, columns, draws = _read(root, "eight_schools-eight_schools_noncentered")
         args = (tensor(data["y"], dtype=torch.float), tensor(data["sigma"], dtype=torch.float))
@@ -343,10 +358,6 @@ def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
         data, columns, draws = _read(root, "arK-arK")
         args = (tensor(data["y"], dtype=torch.float), int(data["K"]))
         return ReferencePosterior(name, ar_k, args, columns, draws.float())
-    if name == "gp_pois_regr":
-        data, columns, draws = _read(root, "gp_pois_regr-gp_pois_regr")
-        args = (tensor(data["x"], dtype=torch.float64), tensor(data["k"], dtype=torch.float64))
-        return ReferencePosterior(name, gp_pois_regr, args, columns, draws.double())
     if name == "diamonds":
         data, columns, draws = _read(root, "diamonds-diamonds")
         x = tensor(data["X"], dtype=torch.float64)[:, 1:]
@@ -370,24 +381,8 @@ def load_reference_posterior(name: str, root: str | Path) -> ReferencePosterior:
         x = torch.stack([p.to(torch.float64) for p in predictors], -1)
         args = (x, tensor(data["partyid7"], dtype=torch.float64))
         return ReferencePosterior(name, nes, args, columns, draws.double())
-    if name == "hmm_drive_0":
-        data, columns, draws = _read(root, "bball_drive_event_0-hmm_drive_0")
-        args = (
-            tensor(data["u"], dtype=torch.float64),
-            tensor(data["v"], dtype=torch.float64),
-            tensor(data["alpha"], dtype=torch.float64),
-        )
-        return ReferencePosterior(name, hmm_drive, args, columns, draws.double())
-    if name == "hmm_example":
-        data, columns, draws = _read(root, "hmm_example-hmm_example")
-        args = (tensor(data["y"], dtype=torch.float64),)
-        return ReferencePosterior(name, hmm_example, args, columns, draws.double())
     if name == "garch11":
         data, columns, draws = _read(root, "garch-garch11")
         args = (tensor(data["y"], dtype=torch.float64), float(data["sigma1"]))
         return ReferencePosterior(name, garch11, args, columns, draws.double())
-    if name == "blr":
-        data, columns, draws = _read(root, "sblrc-blr")
-        args = (tensor(data["X"], dtype=torch.float64), tensor(data["y"], dtype=torch.float64))
-        return ReferencePosterior(name, blr, args, columns, draws.double())
     raise ValueError(f"name must be one of {POSTERIORS}, got {name!r}")

@@ -9,28 +9,13 @@ from operator import attrgetter
 import torch
 from pyro.infer.autoguide import AutoGuide, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible
+from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn.module import PyroModule
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 # Per step, the centre of the globals moves this fraction of the way to their draw.
 CENTER_RATE = 0.01
-
-
-def _deep_setattr(root: PyroModule, name: str, value) -> None:
-    *path, last = name.split(".")
-    for part in path:
-        if not hasattr(root, part):
-            setattr(root, part, PyroModule())
-        root = getattr(root, part)
-    setattr(root, last, value)
-
-
-def _raw(root: PyroModule, name: str) -> torch.Tensor:
-    """The unconstrained tensor of the PyroParam ``name`` under ``root``."""
-    *path, last = name.split(".")
-    owner = attrgetter(".".join(path))(root) if path else root
-    return getattr(owner, last + "_unconstrained")
 
 
 class AutoLocalNormal(AutoNormal):
@@ -82,29 +67,27 @@ class AutoLocalNormal(AutoNormal):
     def _record(self, module, args, output) -> None:
         self._drawn, self._fresh = output, True
 
-    def _global_sites(self) -> list[tuple[str, dict]]:
-        trace = self._given().prototype_trace
-        return [
-            (name, site)
-            for name, site in trace.iter_stochastic_nodes()
+    def _read_structure(self) -> None:
+        """The global sites, and the number of plate dimensions of the model."""
+        given = self._given().prototype_trace
+        self._global_sites = [
+            (name, site) for name, site in given.iter_stochastic_nodes()
             if not site_is_subsample(site)
-        ]
-
-    def _nesting(self) -> int:
+        ]  # fmt: skip
         frames = [
             frame
-            for trace in (self.prototype_trace, self._given().prototype_trace)
+            for trace in (self.prototype_trace, given)
             for site in trace.nodes.values()
             if site["type"] == "sample"
             for frame in site["cond_indep_stack"]
             if frame.vectorized
         ]
-        return max((-frame.dim for frame in frames), default=0)
+        self._nesting = max((-frame.dim for frame in frames), default=0)
 
     def _globals_vector(self, values: dict) -> torch.Tensor:
         """The unconstrained global vector of ``values``: shape (*extra, G)."""
-        nesting, parts, extra = self._nesting(), [], torch.Size()
-        for name, site in self._global_sites():
+        nesting, parts, extra = self._nesting, [], torch.Size()
+        for name, site in self._global_sites:
             u = biject_to(site["fn"].support).inv(values[name])
             proto = biject_to(site["fn"].support).inv(site["value"].detach())
             event_dim = site["fn"].event_dim + proto.dim() - site["value"].dim()
@@ -131,24 +114,23 @@ class AutoLocalNormal(AutoNormal):
 
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
+        self._read_structure()
         globals_ = self._current_globals()
         self._fresh = True  # forward reads the same draw
         center = globals_.detach().reshape(-1, globals_.shape[-1]).mean(0)
         self.register_buffer("globals_center", center)
         self.loc_weights, self.scale_weights = PyroModule(), PyroModule()
-        for name in self.prototype_trace.iter_stochastic_nodes():
-            name = name[0]
-            event_dim = self._event_dims[name]
+        for name, event_dim in self._event_dims.items():
             # The locations are full size here (outside the plates): so are the weights.
             shape = attrgetter(name)(self.locs).shape
             shape = shape[len(shape) - event_dim :]
             zeros = torch.zeros(shape + center.shape, dtype=center.dtype, device=center.device)
             for root in (self.loc_weights, self.scale_weights):
-                _deep_setattr(root, name, torch.nn.Parameter(zeros.clone()))
+                deep_setattr(root, name, torch.nn.Parameter(zeros.clone()))
 
     def _shift(self, name: str, weights: torch.Tensor, globals_: torch.Tensor) -> torch.Tensor:
         centred = globals_ - self.globals_center
-        width = self._nesting() + self._event_dims[name]
+        width = self._nesting + self._event_dims[name]
         centred = centred.reshape(centred.shape[:-1] + (1,) * width + centred.shape[-1:])
         return (weights * centred).sum(-1)
 
@@ -171,9 +153,9 @@ class AutoLocalNormal(AutoNormal):
         step = center - self.globals_center
         to_scale = biject_to(self.scale_constraint)
         for name in self._event_dims:
-            raw_loc = _raw(self.locs, name)
+            raw_loc = attrgetter(name + "_unconstrained")(self.locs)
             raw_loc.add_((attrgetter(name)(self.loc_weights) * step).sum(-1))
-            raw = _raw(self.scales, name)
+            raw = attrgetter(name + "_unconstrained")(self.scales)
             grow = (attrgetter(name)(self.scale_weights) * step).sum(-1).exp()
             raw.copy_(to_scale.inv(to_scale(raw) * grow))
         self.globals_center.copy_(center)

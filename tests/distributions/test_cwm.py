@@ -303,13 +303,18 @@ class TestBadInput:
             nan_context.log_prob(torch.zeros(2))
 
 
-def test_preconditioned_maps_invert_and_count_the_shared_jacobian():
-    torch.manual_seed(0)
-    d, K = 3, 2
+def _perturbed_location_scale_maps(d, K, seed):
+    torch.manual_seed(seed)
     inner = build_maps("location_scale", d, K).double()
     with torch.no_grad():
         for p in inner.parameters():
             p.add_(0.3 * torch.randn_like(p))
+    return inner
+
+
+def test_preconditioned_maps_invert_and_count_the_shared_jacobian():
+    d, K = 3, 2
+    inner = _perturbed_location_scale_maps(d, K, seed=0)
     matrix = torch.randn(d, d, dtype=torch.float64) + 2 * torch.eye(d, dtype=torch.float64)
     shift = torch.randn(d, dtype=torch.float64)
     maps = PreconditionedMaps(inner, shift, matrix)
@@ -326,12 +331,8 @@ def test_preconditioned_maps_invert_and_count_the_shared_jacobian():
 
 
 def test_diagonal_preconditioned_maps_are_the_dense_ones_with_that_diagonal():
-    torch.manual_seed(1)
     d, K = 4, 3
-    inner = build_maps("location_scale", d, K).double()
-    with torch.no_grad():
-        for p in inner.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    inner = _perturbed_location_scale_maps(d, K, seed=1)
     diagonal = torch.rand(d, dtype=torch.float64) + 0.5
     shift = torch.randn(d, dtype=torch.float64)
     sparse = PreconditionedMaps(inner, shift, diagonal)

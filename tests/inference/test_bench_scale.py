@@ -21,7 +21,8 @@ def test_a_small_run_reports_every_column_and_gives_the_others_autocwms_time(tmp
     out = tmp_path / "scale.json"
     rows = scale.main(
         ["--dims", "6", "--points", "40", "--steps", "30", "--samples", "200",
-         "--methods", "AutoCWM,AutoNormal", "--threads", "1", "--out", str(out)]
+         "--methods", "AutoCWM,AutoNormal", "--threads", "1", "--out", str(out),
+         "--timeout", "300"]
     )
     assert [(r["target"], r["method"]) for r in rows] == [
         ("linear", "AutoCWM"), ("linear", "AutoNormal"),

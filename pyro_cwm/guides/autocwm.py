@@ -24,6 +24,7 @@ from pyro.poutine.runtime import get_plates
 from pyro.poutine.util import site_is_subsample
 
 from pyro_cwm.distributions.cwm import ClassifierWeightedMixture
+from pyro_cwm.guides.curvature import LowRankCurvature, lbfgs_mode, low_rank_curvature
 from pyro_cwm.guides.isolation import outside_handlers
 from pyro_cwm.guides.laplace import (
     float64_log_joint,
@@ -69,6 +70,11 @@ from it takes one pass per coordinate."""
 AUTO_MAF_MISFIT = 1.0
 """Laplace misfit (nats, see ``pyro_cwm.guides.laplace.laplace_misfit``) at a mode above
 which ``map="auto"`` picks the autoregressive flow."""
+MODE_DECREMENT = 0.1
+"""Above ``laplace_max_dim``: the L-BFGS end point counts as a mode where its decrement
+``g^T A A^T g / 2`` under the low-rank curvature is below this many nats."""
+LBFGS_ITERATIONS = 500
+"""Above ``laplace_max_dim``: L-BFGS iterations of the climb from the best start to a mode."""
 NEWTON_ATTEMPTS = 3
 """Runs of ``newton_steps`` Newton steps before the start concludes that there is no mode:
 each from the highest point not yet tried, the end of a run that climbed included."""
@@ -87,6 +93,8 @@ class AutoCWM(AutoContinuous):
     density, and the components start at K of them far apart among the best, weights uniform.
     With ``laplace=True`` Newton steps refine the best start and its Laplace approximation
     preconditions the maps ([`get_posterior`][pyro_cwm.guides.AutoCWM.get_posterior] is unchanged).
+    Above ``laplace_max_dim`` dimensions no d x d matrix is formed: L-BFGS refines the best
+    start and ``laplace_rank`` Hessian-vector products give a diagonal-plus-low-rank one.
 
     Args:
         model: a Pyro model.
@@ -109,6 +117,8 @@ class AutoCWM(AutoContinuous):
         newton_steps: saddle-free Newton steps of each of ``NEWTON_ATTEMPTS`` runs to a mode.
         laplace_max_dim: largest number of latent dimensions for ``laplace``.
         laplace_floor: narrowest width of an axis of the preconditioner (> 0).
+        laplace_rank: Hessian-vector products (the preconditioner's rank) above
+            ``laplace_max_dim``.
         create_plates: as in Pyro's autoguides, plates for the model's arguments (subsampling).
 
     Raises:
@@ -135,6 +145,7 @@ class AutoCWM(AutoContinuous):
         newton_steps: int = 20,
         laplace_max_dim: int = 200,
         laplace_floor: float = 0.1,
+        laplace_rank: int = 128,
         *,
         create_plates: Callable | None = None,
     ) -> None:
@@ -158,6 +169,8 @@ class AutoCWM(AutoContinuous):
         if not (isinstance(laplace_floor, (int, float)) and laplace_floor > 0):
             raise ValueError(f"laplace_floor must be a positive float, got {laplace_floor!r}")
         self._laplace_floor = float(laplace_floor)
+        self._laplace_rank = check_positive_int("laplace_rank", laplace_rank)
+        self._curvature: LowRankCurvature | None = None
         self._best_is_mode = False
         self.laplace_misfit: float | None = None
         # Enumerated discrete sites are summed out by the ELBO, not guided.
@@ -294,9 +307,16 @@ class AutoCWM(AutoContinuous):
             locs[0] = loc
         # No preconditioner: the identity, held as a diagonal (O(d) memory at any size).
         shift, matrix = torch.zeros_like(locs[0]), torch.ones_like(locs[0])
+        vectors = widths = None
         scales = torch.full_like(locs, self._init_scale)
         precision = None  # the negative Hessian at the best start
-        if use_laplace:
+        curvature, self._curvature = self._curvature, None
+        if curvature is not None:
+            # Widths along the preconditioner's axes are its own (at a mode, the Laplace ones).
+            shift, matrix = locs[0], curvature.scale.to(locs.dtype)
+            vectors, widths = curvature.vectors.to(locs.dtype), curvature.widths.to(locs.dtype)
+            scales = torch.ones_like(locs)
+        elif use_laplace:
             laplace = self._laplace_start(locs, args, kwargs)
             if laplace is not None:
                 shift, (matrix, scales, precision) = locs[0], laplace
@@ -321,7 +341,9 @@ class AutoCWM(AutoContinuous):
             map=map_name,
             map_options=map_options,
         ).to(device=locs.device, dtype=locs.dtype)
-        self.preconditioned_maps = PreconditionedMaps(self.cwm.maps, shift, matrix)
+        self.preconditioned_maps = PreconditionedMaps(
+            self.cwm.maps, shift, matrix, vectors, widths
+        )
         weights = torch.full((self.num_components,), 1.0 / self.num_components)
         inner = self.preconditioned_maps.to_inner(locs)
         if self._best_is_mode:
@@ -343,8 +365,14 @@ class AutoCWM(AutoContinuous):
             [self._init_loc()]
             + [self._spread_loc(args, kwargs) for _ in range(self._starts() - 1)]
         )
-        starts, log_p = self._climb(starts, args, kwargs)
         use_laplace = self._laplace and self.latent_dim <= self._laplace_max_dim
+        if self._laplace and not use_laplace:
+            # L-BFGS from the best start replaces the climb where the curvature serves.
+            starts, log_p = self._curvature_start(starts, args, kwargs)
+            if self._curvature is None:
+                starts, log_p = self._climb(starts, args, kwargs)
+        else:
+            starts, log_p = self._climb(starts, args, kwargs)
         if use_laplace:
             starts, log_p = self._refine_best(starts, log_p, args, kwargs)
             if not self._best_is_mode:
@@ -353,6 +381,52 @@ class AutoCWM(AutoContinuous):
                     return self._separate(self._select_starts(starts, mass)), use_laplace
         locs = self._select_starts(starts, log_p)
         return (locs if self._best_is_mode else self._separate(locs)), use_laplace
+
+    def _curvature_start(
+        self, starts: torch.Tensor, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Above ``laplace_max_dim``: L-BFGS from the best start, and the diagonal-plus-
+        low-rank curvature at its end (``laplace_rank`` Hessian-vector products in blocks
+        of K, ``pyro_cwm.guides.curvature.low_rank_curvature``), kept for ``_initialize``.
+
+        The end point replaces the start it came from, and counts as a mode where the
+        curvature is positive and the decrement below ``MODE_DECREMENT`` nats; elsewhere
+        the widths are floored at ``laplace_floor``. Where the model cannot be
+        differentiated twice no curvature is kept.
+
+        Returns:
+            The starts and their log densities.
+        """
+        self._best_is_mode, self._curvature = False, None
+        with poutine.block(), torch.no_grad():
+            log_p = self._log_joint(args, kwargs)(starts)
+        finite = torch.isfinite(log_p)
+        if not finite.any():
+            return starts, log_p
+        best = int(torch.where(finite, log_p, -torch.inf).argmax())
+        rank, block = self._laplace_rank, self.num_components
+        try:
+            with poutine.block():
+                log_joint, dtype = self._precise_log_joint(args, kwargs, starts[best])
+                point, value = lbfgs_mode(log_joint, starts[best].to(dtype), LBFGS_ITERATIONS)
+                curvature = low_rank_curvature(log_joint, point, rank, block)
+                with torch.enable_grad():
+                    u = point[None].clone().requires_grad_(True)
+                    (grad,) = torch.autograd.grad(log_joint(u).sum(), u)
+        except (RuntimeError, ValueError):
+            return starts, log_p
+        decrement = 0.5 * (grad * curvature.inverse_hessian(grad)).sum()
+        if not all(torch.isfinite(t).all() for t in (grad, curvature.scale, curvature.widths)):
+            return starts, log_p
+        self._best_is_mode = curvature.positive and bool(decrement < MODE_DECREMENT)
+        if not self._best_is_mode:
+            floor = self._laplace_floor
+            curvature.scale = curvature.scale.clamp(min=floor)
+            curvature.widths = curvature.widths.clamp(min=1.0)
+        self._curvature = curvature
+        starts, log_p = starts.clone(), log_p.clone()
+        starts[best], log_p[best] = point.to(starts.dtype), value.to(log_p.dtype)
+        return starts, log_p
 
     def _laplace_log_mass(
         self, starts: torch.Tensor, log_p: torch.Tensor, args: tuple, kwargs: dict

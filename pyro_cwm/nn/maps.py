@@ -363,18 +363,36 @@ def build_maps(
     return MAPS[kind](dim, num_components, context_dim, **options)
 
 
+def low_rank_update(z: Tensor, vectors: Tensor, factors: Tensor) -> Tensor:
+    """``(I + U diag(factors - 1) U^T) z`` for points z (..., d), U = ``vectors`` (d, m)
+    with orthonormal columns, ``factors`` (m,): the factors scale z along U."""
+    return z + ((z @ vectors) * (factors - 1)) @ vectors.T
+
+
 class PreconditionedMaps(nn.Module):
     """K maps followed by one fixed affine map shared by all: ``x_k = shift + A S_k(z)``.
 
-    ``A`` (d, d, invertible; or (d,), a diagonal, which keeps memory and time O(d) for
-    large d) and ``shift`` (d,) are buffers, not parameters: a preconditioner that makes
-    the inner maps' parameters well scaled (AutoCWM sets it from the curvature of the log
-    density at its best start). The inner maps module is held, not copied; its parameters
+    ``A`` and ``shift`` (d,) are buffers, not parameters: a preconditioner that makes the
+    inner maps' parameters well scaled (AutoCWM sets it from the curvature of the log
+    density at its best start). ``A`` is ``matrix`` (d, d, invertible); or, keeping
+    memory and time O(d m) for large d, ``diag(matrix) (I + U diag(widths - 1) U^T)`` with
+    ``matrix`` (d,) positive, U = ``vectors`` (d, m, orthonormal columns; none: m = 0) and
+    ``widths`` (m,) positive. The inner maps module is held, not copied; its parameters
     live in the coordinates ``y = A^{-1}(x - shift)``.
     ``log|det dT_k^{-1}/dx| = ladj_inner - log|det A|``.
+
+    Raises:
+        ValueError: for shapes other than these.
     """
 
-    def __init__(self, maps: nn.Module, shift: Tensor, matrix: Tensor) -> None:
+    def __init__(
+        self,
+        maps: nn.Module,
+        shift: Tensor,
+        matrix: Tensor,
+        vectors: Tensor | None = None,
+        widths: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.maps = maps
         self.dim, self.num_components = maps.dim, maps.num_components
@@ -386,26 +404,42 @@ class PreconditionedMaps(nn.Module):
                 f"{tuple(shift.shape)} and {tuple(matrix.shape)}"
             )
         self.diagonal = matrix.dim() == 1
+        if vectors is None:
+            vectors, widths = matrix.new_zeros(d, 0), matrix.new_zeros(0)
+        m = vectors.shape[-1]
+        if not self.diagonal and m or vectors.shape != (d, m) or widths.shape != (m,):
+            raise ValueError(
+                f"vectors and widths must have shapes ({d}, m) and (m,), with a diagonal "
+                f"matrix, got {tuple(vectors.shape)} and {tuple(widths.shape)}"
+            )
         self.register_buffer("shift", shift.detach().clone())
         self.register_buffer("matrix", matrix.detach().clone())
+        self.register_buffer("vectors", vectors.detach().clone())
+        self.register_buffer("widths", widths.detach().clone())
         if self.diagonal:
             self.register_buffer("inverse_matrix", self.matrix.reciprocal())
-            self.register_buffer("log_abs_det", self.matrix.abs().log().sum())
+            log_abs_det = self.matrix.abs().log().sum() + self.widths.log().sum()
+            self.register_buffer("log_abs_det", log_abs_det)
         else:
             self.register_buffer("inverse_matrix", torch.linalg.inv(self.matrix))
             self.register_buffer("log_abs_det", torch.linalg.slogdet(self.matrix)[1])
 
     def to_inner(self, x: Tensor) -> Tensor:
         """The preconditioned coordinates ``A^{-1}(x - shift)`` of points x (..., d)."""
-        if self.diagonal:
-            return (x - self.shift) * self.inverse_matrix
-        return (x - self.shift) @ self.inverse_matrix.T
+        if not self.diagonal:
+            return (x - self.shift) @ self.inverse_matrix.T
+        z = (x - self.shift) * self.inverse_matrix
+        if self.widths.shape[0]:
+            z = low_rank_update(z, self.vectors, self.widths.reciprocal())
+        return z
 
     def from_inner(self, y: Tensor) -> Tensor:
         """The points ``shift + A y`` of preconditioned coordinates y (..., d)."""
-        if self.diagonal:
-            return self.shift + y * self.matrix
-        return self.shift + y @ self.matrix.T
+        if not self.diagonal:
+            return self.shift + y @ self.matrix.T
+        if self.widths.shape[0]:
+            y = low_rank_update(y, self.vectors, self.widths)
+        return self.shift + y * self.matrix
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.from_inner(self.maps(z, context))

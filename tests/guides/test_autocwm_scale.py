@@ -21,12 +21,12 @@ def data(seed=0):
 def test_above_laplace_max_dim_the_guide_holds_no_d_by_d_tensor_and_climbs_k_starts():
     x, y = data()
     pyro.set_rng_seed(0)
-    guide = AutoCWM(linear, num_components=K, laplace_max_dim=D - 1)
+    guide = AutoCWM(linear, num_components=K, laplace_max_dim=D - 1, laplace_rank=8)
     with torch.no_grad():
         guide(x, y)
     assert guide._starts() == K
     maps = guide.preconditioned_maps
-    assert maps.diagonal and maps.matrix.shape == (D,)
+    assert maps.diagonal and maps.matrix.shape == (D,) and maps.vectors.shape == (D, 8)
     tensors = list(guide.parameters()) + list(guide.buffers())
     assert not any(t.dim() >= 2 and t.shape[-2:] == (D, D) for t in tensors)
     # Below the limit the start is the dense Laplace one, from 8 K starts.

@@ -1,0 +1,172 @@
+"""Curvature of the model's log density without a d x d matrix, for AutoCWM above
+``laplace_max_dim``: Hessian-vector products in batches, a diagonal-plus-low-rank
+inverse square root of the negative Hessian from a block Krylov space, and L-BFGS to
+the mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_cwm.guides.laplace import LogJoint
+from pyro_cwm.nn.maps import low_rank_update
+
+
+def hessian_vector_products(log_joint: LogJoint, u: Tensor, vectors: Tensor) -> Tensor:
+    """``H(u) v`` (b, d) for each row v of ``vectors`` (b, d), H the Hessian of
+    ``log_joint`` at u (d,), in one double-backward pass over b copies of u.
+
+    ``log_joint`` must treat its rows independently (as ``unconstrained_log_joint`` does).
+    """
+    with torch.enable_grad():
+        copies = u.detach().expand(vectors.shape).clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(log_joint(copies).sum(), copies, create_graph=True)
+        picked = (grad * vectors).sum()
+        if not picked.requires_grad:  # linear in u
+            return torch.zeros_like(vectors)
+        (products,) = torch.autograd.grad(picked, copies, allow_unused=True)
+    return torch.zeros_like(vectors) if products is None else products.detach()
+
+
+@dataclass
+class LowRankCurvature:
+    """``A = diag(scale) (I + U diag(widths - 1) U^T)``, with ``A A^T`` about the inverse of
+    the negative Hessian P: ``scale`` (d,) the widths off U, U (d, m) orthonormal and
+    ``widths`` (m,) the widths along U relative to ``scale``.
+    """
+
+    scale: Tensor
+    vectors: Tensor
+    widths: Tensor
+    positive: bool
+    """Whether every Ritz value and the other directions' mean curvature are positive."""
+
+    def inverse_hessian(self, g: Tensor) -> Tensor:
+        """``A A^T g`` for gradients g (..., d): the approximate Newton direction."""
+        return self.scale * low_rank_update(self.scale * g, self.vectors, self.widths**2)
+
+
+def low_rank_curvature(
+    log_joint: LogJoint, u: Tensor, rank: int, block: int, floor: float = 0.0
+) -> LowRankCurvature:
+    """The curvature of ``log_joint`` at u (d,) from about ``rank`` Hessian-vector
+    products in blocks of ``block``, without a d x d matrix.
+
+    Gaussian probes start a block Krylov space of the negative Hessian P (fully
+    re-orthogonalized); its Ritz pairs (theta, v) give the directions whose widths
+    ``theta^(-1/2)`` are exact first, the narrowest ones. The other directions get one
+    width ``c^(-1/2)``, c the mean Rayleigh quotient of P over one more block of Gaussian
+    probes projected off the Krylov space (P's mean curvature there). Directions of zero
+    or negative curvature get the width ``c^(-1/2)`` too (1 where c <= 0). Where ``floor
+    > 0`` (away from a mode, where the curvature is local) no width is below it and none
+    along the Ritz directions is below ``c^(-1/2)``.
+
+    Returns:
+        A ``LowRankCurvature`` with m <= rank
+        Ritz directions (fewer where the Krylov space closes early).
+    """
+    d = u.shape[0]
+    size = min(rank, d)
+    block = max(1, min(block, size))
+    probes = torch.randn(block, d, dtype=u.dtype, device=u.device)
+    basis, image = _orthonormal(probes, -hessian_vector_products(log_joint, u, probes))
+    bases, products = [basis], [image]
+    count = basis.shape[0]
+    while count < size:
+        basis = _orthonormal_against(products[-1], bases)[: size - count]
+        if not basis.shape[0]:
+            break
+        bases.append(basis)
+        products.append(-hessian_vector_products(log_joint, u, basis))
+        count += basis.shape[0]
+    q, pq = torch.cat(bases), torch.cat(products)  # (m, d) orthonormal rows, and P q
+    projected = q @ pq.T
+    theta, y = torch.linalg.eigh(0.5 * (projected + projected.T))
+    vectors = (y.T @ q).T  # (d, m)
+    rest = theta.new_ones(())
+    if q.shape[0] < d:
+        others = torch.randn(block, d, dtype=u.dtype, device=u.device)
+        others = others - (others @ q.T) @ q
+        others = others - (others @ q.T) @ q
+        quotient = (others * -hessian_vector_products(log_joint, u, others)).sum(-1)
+        rest = (quotient / others.square().sum(-1)).mean()
+    positive_definite = bool((theta > 0).all()) and bool(rest > 0)
+    if not rest > 0:
+        rest = theta.new_ones(())
+    tiny = torch.finfo(u.dtype).tiny
+    scale = rest.rsqrt().expand(d).clone()
+    widths = torch.where(
+        theta > 0, (rest / theta.clamp(min=tiny)).sqrt(), torch.ones_like(theta)
+    )
+    if floor > 0:
+        scale = scale.clamp(min=floor)
+        widths = widths.clamp(min=1.0)
+    return LowRankCurvature(scale, vectors, widths, positive_definite)
+
+
+def _orthonormal(rows: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthonormal rows q spanning ``rows`` (b, d, independent), and the operator's images
+    of q from its images of ``rows``: ``rows = R^T q`` gives ``images(q) = R^-T images``."""
+    q, r = torch.linalg.qr(rows.T)
+    return q.T, torch.linalg.solve_triangular(r.T, images, upper=False)
+
+
+def _orthonormal_against(rows: Tensor, bases: list) -> Tensor:
+    """The rows orthogonalized (twice) against every row of ``bases``, then orthonormal;
+    directions that vanish are dropped."""
+    previous = torch.cat(bases)
+    norm = rows.norm(dim=-1, keepdim=True)
+    for _ in range(2):
+        rows = rows - (rows @ previous.T) @ previous
+    q, r = torch.linalg.qr(rows.T)
+    keep = r.diagonal().abs() > 1e-8 * norm.max()
+    return q[:, keep].T
+
+
+def lbfgs_mode(
+    log_joint: LogJoint, u: Tensor, max_iter: int = 500, tol: float = 1e-4
+) -> tuple[Tensor, Tensor]:
+    """Climb ``log_joint`` from u (d,) by L-BFGS with a strong Wolfe line search and
+    O(d) memory, until a step gains less than ``tol`` nats or after ``max_iter``
+    iterations. Where it ends lower than u or not finite: u.
+
+    Returns:
+        ``(u, log_p)``: the point (d,) and its log density (a scalar tensor).
+    """
+    start = u.detach().clone()
+    with torch.no_grad():
+        start_value = log_joint(start[None])[0]
+
+    point = start.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [point],
+        lr=1,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=tol,
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            loss = -log_joint(point[None])[0]
+            if not torch.isfinite(loss):
+                # Out of the support: a high value that the line search backs away from.
+                return loss.detach().nan_to_num(1e300, 1e300, 1e300)
+            loss.backward()
+        return loss
+
+    with warnings.catch_warnings(), pyro.validation_enabled(False):
+        warnings.simplefilter("ignore")
+        optimizer.step(closure)
+        with torch.no_grad():
+            value = log_joint(point.detach()[None])[0]
+    if not (torch.isfinite(value) and value >= start_value):
+        return start, start_value
+    return point.detach(), value

@@ -129,11 +129,11 @@ def _orthonormal_against(rows: Tensor, bases: list) -> Tensor:
 
 
 def lbfgs_mode(
-    log_joint: LogJoint, u: Tensor, max_iter: int = 500, tol: float = 1e-4
+    log_joint: LogJoint, u: Tensor, max_iter: int = 500, tol: float = 1e-3, every: int = 10
 ) -> tuple[Tensor, Tensor]:
     """Climb ``log_joint`` from u (d,) by L-BFGS with a strong Wolfe line search and
-    O(d) memory, until a step gains less than ``tol`` nats or after ``max_iter``
-    iterations. Where it ends lower than u or not finite: u.
+    O(d) memory, until ``every`` iterations gain less than ``tol`` nats together or after
+    ``max_iter`` iterations. Where it ends lower than u or not finite: u.
 
     Returns:
         ``(u, log_p)``: the point (d,) and its log density (a scalar tensor).
@@ -141,15 +141,16 @@ def lbfgs_mode(
     start = u.detach().clone()
     with torch.no_grad():
         start_value = log_joint(start[None])[0]
-
     point = start.clone().requires_grad_(True)
+    # torch's own tolerances would stop it where a step's largest coordinate is below
+    # tolerance_change: far too early along narrow directions (widths of 1e-2).
     optimizer = torch.optim.LBFGS(
         [point],
         lr=1,
-        max_iter=max_iter,
+        max_iter=every,
         line_search_fn="strong_wolfe",
-        tolerance_grad=1e-9,
-        tolerance_change=tol,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
     )
 
     def closure() -> Tensor:
@@ -162,11 +163,16 @@ def lbfgs_mode(
             loss.backward()
         return loss
 
+    best = start_value
     with warnings.catch_warnings(), pyro.validation_enabled(False):
         warnings.simplefilter("ignore")
-        optimizer.step(closure)
-        with torch.no_grad():
-            value = log_joint(point.detach()[None])[0]
+        for _ in range(max(1, max_iter // every)):
+            optimizer.step(closure)
+            with torch.no_grad():
+                value = log_joint(point.detach()[None])[0]
+            if not (torch.isfinite(value) and value - best >= tol):
+                break
+            best = value
     if not (torch.isfinite(value) and value >= start_value):
         return start, start_value
     return point.detach(), value

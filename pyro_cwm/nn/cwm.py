@@ -33,8 +33,11 @@ def reference_cells(
         gap = torch.cdist(points, centers).min(-1).values.square()
         pick = torch.multinomial(gap, 1, generator=generator)
         centers = torch.cat((centers, points[pick]))
+    labels = None
     for _ in range(steps):
-        labels = torch.cdist(points, centers).argmin(-1)
+        previous, labels = labels, torch.cdist(points, centers).argmin(-1)
+        if previous is not None and torch.equal(labels, previous):
+            break  # converged: more steps would give the same centres
         one_hot = nn.functional.one_hot(labels, num_components).to(points.dtype)
         counts = one_hot.sum(0).clamp(min=1).unsqueeze(-1)
         centers = one_hot.T @ points / counts

@@ -5,6 +5,7 @@ import torch
 
 from inference import fit_svi
 from inference.bench.scale import linear_posterior
+from pyro_cwm.data.zoo import ar1_covariates
 from pyro_cwm.data.zoo import linreg as linear
 from pyro_cwm.guides import AutoCWM
 
@@ -47,3 +48,23 @@ def test_the_diagonal_start_fits_a_regression_with_independent_covariates():
     assert ((draws.mean(0) - mean).abs() / sd).max() < 0.25
     ratio = draws.std(0) / sd
     assert 0.75 < ratio.min() and ratio.max() < 1.25
+
+
+def test_above_laplace_max_dim_the_start_is_the_exact_posterior_of_a_correlated_regression():
+    # AR(1) covariates (correlation 0.9): mean field's sds are 0.3-0.5 of the posterior's.
+    generator = torch.Generator().manual_seed(2)
+    x = ar1_covariates(N, D, generator)
+    y = x @ (torch.randn(D, generator=generator) / 3) + torch.randn(N, generator=generator)
+    mean, sd = linear_posterior(x, y)
+    pyro.set_rng_seed(0)
+    # A Krylov space of the whole dimension: L-BFGS's mode and the Hessian-vector products
+    # give the exact Laplace approximation, which here is the posterior, before any step
+    # (one component: K > 1 would be moved apart by init_scale).
+    guide = AutoCWM(linear, num_components=1, laplace_max_dim=D - 1, laplace_rank=D)
+    with torch.no_grad():
+        guide(x, y)
+        draws = guide.get_posterior().sample((8000,)).double()
+    assert guide._best_is_mode
+    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.05
+    ratio = draws.std(0) / sd
+    assert 0.96 < ratio.min() and ratio.max() < 1.04

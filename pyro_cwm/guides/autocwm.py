@@ -420,9 +420,7 @@ class AutoCWM(AutoContinuous):
             return starts, log_p
         self._best_is_mode = curvature.positive and bool(decrement < MODE_DECREMENT)
         if not self._best_is_mode:
-            floor = self._laplace_floor
-            curvature.scale = curvature.scale.clamp(min=floor)
-            curvature.widths = curvature.widths.clamp(min=1.0)
+            curvature = curvature.floored(self._laplace_floor)
         self._curvature = curvature
         starts, log_p = starts.clone(), log_p.clone()
         starts[best], log_p[best] = point.to(starts.dtype), value.to(log_p.dtype)

@@ -46,14 +46,19 @@ class LowRankCurvature:
     positive: bool
     """Whether every Ritz value and the other directions' mean curvature are positive."""
 
+    def floored(self, floor: float) -> LowRankCurvature:
+        """The same with no width below ``floor`` and none along U below ``scale``: away
+        from a mode the curvature is local, and narrow directions are not trusted."""
+        return LowRankCurvature(
+            self.scale.clamp(min=floor), self.vectors, self.widths.clamp(min=1.0), self.positive
+        )
+
     def inverse_hessian(self, g: Tensor) -> Tensor:
         """``A A^T g`` for gradients g (..., d): the approximate Newton direction."""
         return self.scale * low_rank_update(self.scale * g, self.vectors, self.widths**2)
 
 
-def low_rank_curvature(
-    log_joint: LogJoint, u: Tensor, rank: int, block: int, floor: float = 0.0
-) -> LowRankCurvature:
+def low_rank_curvature(log_joint: LogJoint, u: Tensor, rank: int, block: int) -> LowRankCurvature:
     """The curvature of ``log_joint`` at u (d,) from about ``rank`` Hessian-vector
     products in blocks of ``block``, without a d x d matrix.
 
@@ -62,13 +67,11 @@ def low_rank_curvature(
     ``theta^(-1/2)`` are exact first, the narrowest ones. The other directions get one
     width ``c^(-1/2)``, c the mean Rayleigh quotient of P over one more block of Gaussian
     probes projected off the Krylov space (P's mean curvature there). Directions of zero
-    or negative curvature get the width ``c^(-1/2)`` too (1 where c <= 0). Where ``floor
-    > 0`` (away from a mode, where the curvature is local) no width is below it and none
-    along the Ritz directions is below ``c^(-1/2)``.
+    or negative curvature get the width ``c^(-1/2)`` too (1 where c <= 0).
 
     Returns:
-        A ``LowRankCurvature`` with m <= rank
-        Ritz directions (fewer where the Krylov space closes early).
+        A ``LowRankCurvature`` with m <= rank Ritz directions (fewer where the Krylov
+        space closes early).
     """
     d = u.shape[0]
     size = min(rank, d)
@@ -100,12 +103,7 @@ def low_rank_curvature(
         rest = theta.new_ones(())
     tiny = torch.finfo(u.dtype).tiny
     scale = rest.rsqrt().expand(d).clone()
-    widths = torch.where(
-        theta > 0, (rest / theta.clamp(min=tiny)).sqrt(), torch.ones_like(theta)
-    )
-    if floor > 0:
-        scale = scale.clamp(min=floor)
-        widths = widths.clamp(min=1.0)
+    widths = torch.where(theta > 0, (rest / theta.clamp(min=tiny)).sqrt(), torch.ones_like(theta))
     return LowRankCurvature(scale, vectors, widths, positive_definite)
 
 

@@ -82,8 +82,10 @@ def test_no_width_below_the_floor_and_negative_curvature_is_not_positive():
     spectrum[0] = -1e4  # an extreme direction, which the Krylov space finds first
     precision = random_precision(d, spectrum, seed=3)
     torch.manual_seed(0)
-    curvature = low_rank_curvature(gaussian(precision, torch.zeros(d)), torch.zeros(d), 8, 4, 0.1)
+    curvature = low_rank_curvature(gaussian(precision, torch.zeros(d)), torch.zeros(d), 8, 4)
     assert not curvature.positive
+    assert curvature.widths.min() < 1  # the narrow directions
+    curvature = curvature.floored(0.1)
     assert (curvature.scale >= 0.1).all() and (curvature.widths >= 1).all()
 
 

@@ -90,11 +90,9 @@ class AutoCWM(AutoContinuous):
     raises a TypeError. Local latent sites (subsampled plates) go to an ``AutoGuideList``.
 
     The start spreads the components over the modes: ``num_starts`` points climb the log
-    density, and the components start at K of them far apart among the best, weights uniform.
-    With ``laplace=True`` Newton steps refine the best start and its Laplace approximation
-    preconditions the maps ([`get_posterior`][pyro_cwm.guides.AutoCWM.get_posterior] is unchanged).
-    Above ``laplace_max_dim`` dimensions no d x d matrix is formed: L-BFGS refines the best
-    start and ``laplace_rank`` Hessian-vector products give a diagonal-plus-low-rank one.
+    density and the components start at K of them far apart among the best; with
+    ``laplace=True`` Newton steps (L-BFGS above ``laplace_max_dim``) refine the best one, whose
+    Laplace approximation (diagonal plus low rank above it) preconditions the maps.
 
     Args:
         model: a Pyro model.
@@ -108,23 +106,21 @@ class AutoCWM(AutoContinuous):
             [`init_to_prior_sample`][pyro_cwm.guides.autocwm.init_to_prior_sample]).
         init_scale: scale of the components (> 0) where the start has no Laplace widths.
         map_options: options of an explicit ``map``, e.g. ``{"flow": "maf"}`` with ``"flow"``.
-        num_starts: number of starting points (default 8 K; K above ``laplace_max_dim``).
-        start_steps: Adam steps of each start's climb (0: none, and with K = ``num_starts`` = 1,
-            ``laplace=False``, the component starts at ``init_loc_fn``'s point).
+        num_starts: number of starts (default 8 K; K, not climbed, above ``laplace_max_dim``).
+        start_steps: Adam steps of each climb (0: none; with K = ``num_starts`` = 1 and
+            ``laplace=False`` the component starts at ``init_loc_fn``'s point).
         start_lr: step size of the climb.
         start_threshold: the components start within this many nats of the best point.
         laplace: use the curvature at the start (False where Hessians cannot be computed).
         newton_steps: saddle-free Newton steps of each of ``NEWTON_ATTEMPTS`` runs to a mode.
         laplace_max_dim: largest number of latent dimensions for ``laplace``.
         laplace_floor: narrowest width of an axis of the preconditioner (> 0).
-        laplace_rank: Hessian-vector products (the preconditioner's rank) above
-            ``laplace_max_dim``.
+        laplace_rank: Hessian-vector products (its rank) above ``laplace_max_dim``.
         create_plates: as in Pyro's autoguides, plates for the model's arguments (subsampling).
 
     Raises:
         ValueError: for K < 1, ``init_scale`` or ``laplace_floor`` <= 0, ``map_options`` with
-            ``map="auto"``; at the first call, naming the site: a latent site in a subsampled
-            plate, an unenumerated discrete site, a support without a bijection, observed NaN.
+            ``"auto"``; at the first call, naming a site it cannot guide or observed NaN.
     """
 
     def __init__(

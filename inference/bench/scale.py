@@ -22,6 +22,7 @@ error of the marginal means in posterior sds and the range and median of the sd 
 (``--samples`` draws).
 
     python -m inference.bench.scale --dims 100,1000,10000 --targets linear,logistic
+    python -m inference.bench.scale --step-cost --dims 10000 --steps 50   # step side by side
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -162,6 +164,41 @@ def run_one(target: str, dim: int, method: str, args) -> dict:
     return row
 
 
+def step_cost(target: str, dim: int, args, rounds: int = 5) -> dict:
+    """AutoCWM's ``fit_svi`` step against AutoNormal's in this process, side by side:
+    both set up (AutoCWM's set-up timed) and warmed up, then ``rounds`` alternating blocks
+    of ``args.steps`` steps each; the medians of the blocks' times per step and their
+    ratio."""
+    torch.set_num_threads(args.threads)
+    model, data = make_target(target, dim, args.points)
+    guides, setup = {}, {}
+    pyro.clear_param_store()  # AutoNormal's parameters of an earlier dimension
+    for method in ("AutoCWM", "AutoNormal"):
+        pyro.set_rng_seed(0)
+        guides[method] = make_guide(method, model)
+        started = time.perf_counter()
+        with torch.no_grad():
+            guides[method](*data)
+        setup[method] = time.perf_counter() - started
+        fit_svi(model, guides[method], *data, num_steps=5, progress=False)
+    times = {method: [] for method in guides}
+    for _ in range(rounds):
+        for method, guide in guides.items():
+            history = fit_svi(model, guide, *data, num_steps=args.steps, progress=False)
+            times[method].append(history["time_s"] / args.steps)
+    cwm, normal = (statistics.median(times[m]) for m in ("AutoCWM", "AutoNormal"))
+    components = guides["AutoCWM"].num_components
+    return {
+        "target": target,
+        "dim": dim,
+        "autocwm_setup_s": setup["AutoCWM"],
+        "autocwm_step_ms": 1e3 * cwm,
+        "autonormal_step_ms": 1e3 * normal,
+        "ratio": cwm / normal,
+        "ratio_over_K": cwm / normal / components,
+    }
+
+
 def child(target: str, dim: int, method: str, args, budget: float | None) -> dict:
     """``run_one`` in a fresh process (its own peak memory)."""
     command = [sys.executable, "-m", "inference.bench.scale", "--one", f"{target}:{dim}:{method}"]
@@ -223,6 +260,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per fit process")
     p.add_argument("--out", default="bench-out/scale.json")
+    p.add_argument(
+        "--step-cost",
+        action="store_true",
+        help="only AutoCWM's step against AutoNormal's, side by side in one process "
+        "(--steps steps per block, five blocks each)",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # TARGET:DIM:METHOD, in this process
     p.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -238,6 +281,13 @@ def main(argv=None) -> list[dict]:
         if name not in METHODS:
             p.error(f"unknown method {name!r}")
     rows = []
+    if args.step_cost:
+        for target in args.targets.split(","):
+            for dim in (int(d) for d in args.dims.split(",")):
+                rows.append(step_cost(target, dim, args))
+                print(json.dumps(rows[-1]), flush=True)
+        write_rows(rows, args.out)
+        return rows
     for target in args.targets.split(","):
         for dim in (int(d) for d in args.dims.split(",")):
             budget = None

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from inference.bench import scale
@@ -32,3 +33,14 @@ def test_a_small_run_reports_every_column_and_gives_the_others_autocwms_time(tmp
     assert rows[0]["steps"] == 30 and rows[1]["steps"] >= 20
     assert rows[0]["sd_ratio_min"] > 0 and "mean_err_max" not in rows[2]
     assert json.loads(out.read_text()) == rows
+
+
+def test_the_step_cost_runs_both_guides_side_by_side(tmp_path):
+    rows = scale.main(
+        ["--step-cost", "--targets", "linear", "--dims", "6", "--points", "40", "--steps", "3",
+         "--threads", "1", "--out", str(tmp_path / "cost.json")]
+    )
+    (row,) = rows
+    assert row["autocwm_step_ms"] > 0 and row["autonormal_step_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["autocwm_step_ms"] / row["autonormal_step_ms"])
+    assert row["ratio_over_K"] == pytest.approx(row["ratio"] / 4)

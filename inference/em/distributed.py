@@ -222,6 +222,9 @@ def process_group_from_environment(
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     try:
         yield device
+        # Every process done before the group goes: destroyed while another process still
+        # talks to it, gloo can abort at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

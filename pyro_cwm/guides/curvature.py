@@ -13,24 +13,14 @@ import pyro
 import torch
 from torch import Tensor
 
-from pyro_cwm.guides.laplace import LogJoint
+from pyro_cwm.guides.laplace import LogJoint, hessian_vector_products
 from pyro_cwm.nn.maps import low_rank_update
 
 
-def hessian_vector_products(log_joint: LogJoint, u: Tensor, vectors: Tensor) -> Tensor:
-    """``H(u) v`` (b, d) for each row v of ``vectors`` (b, d), H the Hessian of
-    ``log_joint`` at u (d,), in one double-backward pass over b copies of u.
-
-    ``log_joint`` must treat its rows independently (as ``unconstrained_log_joint`` does).
-    """
-    with torch.enable_grad():
-        copies = u.detach().expand(vectors.shape).clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(log_joint(copies).sum(), copies, create_graph=True)
-        picked = (grad * vectors).sum()
-        if not picked.requires_grad:  # linear in u
-            return torch.zeros_like(vectors)
-        (products,) = torch.autograd.grad(picked, copies, allow_unused=True)
-    return torch.zeros_like(vectors) if products is None else products.detach()
+def negative_hessian_products(log_joint: LogJoint, u: Tensor, vectors: Tensor) -> Tensor:
+    """``P v`` (b, d) for each row v of ``vectors`` (b, d), P the negative Hessian of
+    ``log_joint`` at u (d,), in one double-backward pass over b copies of u."""
+    return -hessian_vector_products(log_joint, u.expand(vectors.shape), vectors)[2]
 
 
 @dataclass
@@ -77,7 +67,7 @@ def low_rank_curvature(log_joint: LogJoint, u: Tensor, rank: int, block: int) ->
     size = min(rank, d)
     block = max(1, min(block, size))
     probes = torch.randn(block, d, dtype=u.dtype, device=u.device)
-    basis, image = _orthonormal(probes, -hessian_vector_products(log_joint, u, probes))
+    basis, image = _orthonormal(probes, negative_hessian_products(log_joint, u, probes))
     bases, products = [basis], [image]
     count = basis.shape[0]
     while count < size:
@@ -85,7 +75,7 @@ def low_rank_curvature(log_joint: LogJoint, u: Tensor, rank: int, block: int) ->
         if not basis.shape[0]:
             break
         bases.append(basis)
-        products.append(-hessian_vector_products(log_joint, u, basis))
+        products.append(negative_hessian_products(log_joint, u, basis))
         count += basis.shape[0]
     q, pq = torch.cat(bases), torch.cat(products)  # (m, d) orthonormal rows, and P q
     projected = q @ pq.T
@@ -93,10 +83,8 @@ def low_rank_curvature(log_joint: LogJoint, u: Tensor, rank: int, block: int) ->
     vectors = (y.T @ q).T  # (d, m)
     rest = theta.new_ones(())
     if q.shape[0] < d:
-        others = torch.randn(block, d, dtype=u.dtype, device=u.device)
-        others = others - (others @ q.T) @ q
-        others = others - (others @ q.T) @ q
-        quotient = (others * -hessian_vector_products(log_joint, u, others)).sum(-1)
+        others = _project_off(torch.randn(block, d, dtype=u.dtype, device=u.device), q)
+        quotient = (others * negative_hessian_products(log_joint, u, others)).sum(-1)
         rest = (quotient / others.square().sum(-1)).mean()
     positive_definite = bool((theta > 0).all()) and bool(rest > 0)
     if not rest > 0:
@@ -117,13 +105,18 @@ def _orthonormal(rows: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
 def _orthonormal_against(rows: Tensor, bases: list) -> Tensor:
     """The rows orthogonalized (twice) against every row of ``bases``, then orthonormal;
     directions that vanish are dropped."""
-    previous = torch.cat(bases)
     norm = rows.norm(dim=-1, keepdim=True)
-    for _ in range(2):
-        rows = rows - (rows @ previous.T) @ previous
-    q, r = torch.linalg.qr(rows.T)
+    q, r = torch.linalg.qr(_project_off(rows, torch.cat(bases)).T)
     keep = r.diagonal().abs() > 1e-8 * norm.max()
     return q[:, keep].T
+
+
+def _project_off(rows: Tensor, basis: Tensor) -> Tensor:
+    """``rows`` (b, d) with their components along the orthonormal rows of ``basis``
+    removed, twice (one pass leaves rounding errors along the basis)."""
+    for _ in range(2):
+        rows = rows - (rows @ basis.T) @ basis
+    return rows
 
 
 def lbfgs_mode(

@@ -65,6 +65,27 @@ def float64_log_joint(
     return precise, torch.float64
 
 
+def hessian_vector_products(
+    log_joint: LogJoint, points: Tensor, vectors: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Values (b,), gradients (b, d) and Hessian-vector products ``H(x_i) v_i`` (b, d) of
+    ``log_joint`` at the rows x_i of ``points`` (b, d), v_i the rows of ``vectors`` (b, d),
+    in one double-backward pass.
+
+    ``log_joint`` must treat its rows independently (as ``unconstrained_log_joint`` does).
+    """
+    with torch.enable_grad():
+        copies = points.detach().clone().requires_grad_(True)
+        log_p = log_joint(copies)
+        (grad,) = torch.autograd.grad(log_p.sum(), copies, create_graph=True)
+        picked = (grad * vectors).sum()
+        products = None
+        if picked.requires_grad:  # else linear in x: no curvature
+            (products,) = torch.autograd.grad(picked, copies, allow_unused=True)
+    products = torch.zeros_like(copies) if products is None else products
+    return log_p.detach(), grad.detach(), products.detach()
+
+
 def log_joint_derivatives(log_joint: LogJoint, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Values (n,), gradients (n, d) and Hessians (n, d, d) of ``log_joint`` at u (n, d).
 
@@ -74,19 +95,11 @@ def log_joint_derivatives(log_joint: LogJoint, u: Tensor) -> tuple[Tensor, Tenso
     gives every Hessian exactly.
     """
     n, d = u.shape
-    with torch.enable_grad():
-        copies = u.detach().repeat_interleave(d, 0).requires_grad_(True)
-        log_p = log_joint(copies)
-        (grad,) = torch.autograd.grad(log_p.sum(), copies, create_graph=True)
-        eye = torch.eye(d, dtype=u.dtype, device=u.device).repeat(n, 1)
-        picked = (grad * eye).sum()
-        hess = None
-        if picked.requires_grad:
-            (hess,) = torch.autograd.grad(picked, copies, allow_unused=True)
-    hess = torch.zeros_like(copies) if hess is None else hess
+    eye = torch.eye(d, dtype=u.dtype, device=u.device).repeat(n, 1)
+    log_p, grad, hess = hessian_vector_products(log_joint, u.repeat_interleave(d, 0), eye)
     hess = hess.reshape(n, d, d)
     hess = 0.5 * (hess + hess.transpose(-1, -2))
-    return log_p.detach()[::d], grad.detach()[::d], hess.detach()
+    return log_p[::d], grad[::d], hess
 
 
 def newton_refine(

@@ -107,6 +107,14 @@ def _component_sum(model_trace, guide_trace) -> Tensor | None:
 
 RICH_MAP_PARTICLES = 4
 
+TRAVEL_CHECK = 50
+"""Steps between CWMELBO's checks of whether a travelling AutoCWM's components arrived."""
+TRAVEL_TOLERANCE = 0.5
+"""They arrived when their means moved less than this many of their own sds (root mean
+square over components and coordinates) in ``2 * TRAVEL_CHECK`` steps."""
+TRAVEL_MAX_HOLD = 10
+"""The classifier of a travelling AutoCWM is held for at most this many warm-ups."""
+
 ENUMERATED_MODEL_NOTE = (
     "CWMELBO ran the model once at all K component images of the guide's CWM sites (an "
     "enumeration dimension left of the model's plates, as TraceEnum_ELBO does): a model "
@@ -149,7 +157,13 @@ class CWMELBO(ELBO):
     gradients are dropped; they start uniform): every component moves, with weight 1/K,
     to the mode nearest its spread start before the weights adapt (reverse KL otherwise
     tends to give one component all the weight, and a component without weight stops
-    moving). The counter is ``self.step``; use a new CWMELBO for a new fit.
+    moving). An AutoCWM whose components start away from the mass (``guide.travelling``:
+    a part of a guide list, whose start cannot climb the density) keeps its classifier
+    held beyond that until they arrive: until its mean moves less than
+    ``TRAVEL_TOLERANCE`` sds in ``2 * TRAVEL_CHECK`` steps (at most ``TRAVEL_MAX_HOLD``
+    warm-ups); else one component arrives first, takes all the weight, and the others,
+    left without gradient, never come. The counter is ``self.step``; use a new CWMELBO
+    for a new fit.
 
     The gradient is the path derivative ("sticking the landing", Roeder, Wu and Duvenaud
     2017): in ``log q(T_k u)`` the parameters enter only through the point, not through
@@ -194,6 +208,9 @@ class CWMELBO(ELBO):
         )
         self._reparam = CWMReparam(self.path_gradient)
         self._direct: bool | None = None  # does the guide take _direct_loss? (first step)
+        # AutoCWM parts that start away from the mass (by id): their components' recent
+        # means, or None once they arrived.
+        self._travel: dict[int, list[Tensor] | None] = {}
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, as ``Trace_ELBO`` draws it (for ELBO helpers)."""
@@ -293,10 +310,51 @@ class CWMELBO(ELBO):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
-        if self.step < self.classifier_warmup:
-            classifiers = [part.cwm.classifier for part in cwm_guides(guide)]
-            for classifier in classifiers + list(self._reparam.classifiers.values()):
-                for param in classifier.parameters():
-                    param.grad = None
+        warming = self.step < self.classifier_warmup
+        classifiers = [
+            part.cwm.classifier
+            for part in cwm_guides(guide)
+            if warming or self._travelling(part)
+        ]
+        if warming:
+            classifiers += list(self._reparam.classifiers.values())
+        for classifier in classifiers:
+            for param in classifier.parameters():
+                param.grad = None
         self.step += 1
         return loss.item()
+
+    def _travelling(self, part: AutoCWM) -> bool:
+        """Whether ``part``'s components are still on their way to the mass (past the
+        warm-up; checked every ``TRAVEL_CHECK`` steps; ``part.travelling`` is cleared on
+        arrival)."""
+        key = id(part)
+        means = self._travel.setdefault(key, [])
+        if self.classifier_warmup == 0 or means is None:
+            return False
+        if means and self.step % TRAVEL_CHECK:
+            return True
+        arrived = not bool(getattr(part, "travelling", False))
+        if not arrived:
+            mean, sd = component_moments(part.get_posterior())
+            means.append(mean)
+            if len(means) == 3:
+                shift = (means[-1] - means.pop(0)) / sd
+                arrived = shift.square().mean().sqrt().item() < TRAVEL_TOLERANCE
+        if arrived or self.step >= TRAVEL_MAX_HOLD * self.classifier_warmup:
+            if hasattr(part, "travelling"):
+                part.travelling.fill_(False)
+            self._travel[key] = None
+            return False
+        return True
+
+
+@torch.no_grad()
+def component_moments(posterior, num_samples: int = 256) -> tuple[Tensor, Tensor]:
+    """Each component's mean and sd (K, d) from ``num_samples`` reference draws (seeded:
+    the same parameters give the same values, on every process)."""
+    device = posterior.reference.mean.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        images, _ = posterior.rsample_components((num_samples,))
+    return images.mean(0), images.std(0).clamp(min=1e-30)

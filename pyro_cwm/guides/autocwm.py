@@ -296,11 +296,15 @@ class AutoCWM(AutoContinuous):
                     "init_loc_fn's point",
                     stacklevel=2,
                 )
+        # Components that start away from the mass travel to it during the fit; the ELBO
+        # holds the classifier until they arrive (CWMELBO's warm-up).
+        travelling = locs is None
         if locs is None:
             # No density to climb: every component starts near init_loc_fn's point.
             loc = self._init_loc()
             locs = loc + self._init_scale * torch.randn(self.num_components, dim).to(loc)
             locs[0] = loc
+        self.register_buffer("travelling", torch.tensor(travelling, device=locs.device))
         # No preconditioner: the identity, held as a diagonal (O(d) memory at any size).
         shift, matrix = torch.zeros_like(locs[0]), torch.ones_like(locs[0])
         vectors = widths = None

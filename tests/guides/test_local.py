@@ -134,3 +134,54 @@ def test_subsampled_hierarchy_reaches_the_marginal_sd_of_the_global():
     mu = draws["mu"]
     assert abs(mu.mean().item() - mean) < 0.3 * sd
     assert 0.85 < mu.std().item() / sd < 1.15
+
+
+def _held_steps(elbo, guide, given, y, steps, move_until):
+    """Run ``elbo.loss_and_grads`` at each step of ``steps`` (no optimizer), moving the CWM's
+    locations by 0.02 per step before ``move_until``; the steps whose classifier was held."""
+    locations = given.cwm.maps.params.value
+    held = []
+    for step in steps:
+        if step < move_until:
+            with torch.no_grad():
+                locations[:, :1] += 0.02
+        for param in guide.parameters():
+            param.grad = None
+        elbo.step = step
+        elbo.loss_and_grads(hierarchical, guide, y)
+        if all(p.grad is None for p in given.cwm.classifier.parameters()):
+            held.append(step)
+    return held
+
+
+def test_the_classifier_of_a_travelling_autocwm_is_held_until_its_components_arrive():
+    # In a guide list AutoCWM cannot climb its density: its components start at the init
+    # point and travel. Released at the end of the warm-up, the first to arrive would take
+    # all the weight and the others, without gradient, never come.
+    y = data()[..., 0]
+    pyro.set_rng_seed(0)
+    guide, given, _ = guide_list(hierarchical, AutoCWM, num_components=3)
+    guide(y)
+    assert bool(given.travelling)
+    elbo = CWMELBO(classifier_warmup=30)
+    # Checks at steps 30, 50, 100, ...: 10 component sds of travel per check (init_scale
+    # 0.1) until step 120, then none; at step 250 the move since step 150 is nil.
+    held = _held_steps(elbo, guide, given, y, range(30, 320), move_until=120)
+    assert held == list(range(30, 250))
+    assert not bool(given.travelling)
+
+
+def test_a_travelling_classifier_is_released_after_at_most_ten_warmups():
+    y = data()[..., 0]
+    pyro.set_rng_seed(0)
+    guide, given, _ = guide_list(hierarchical, AutoCWM, num_components=3)
+    guide(y)
+    held = _held_steps(CWMELBO(classifier_warmup=3), guide, given, y, range(3, 60), 60)
+    assert held == list(range(3, 50))  # the first check at or past 10 warm-ups (step 50)
+
+
+def test_an_autocwm_that_climbs_its_density_does_not_travel():
+    y = data()[..., 0]
+    guide = AutoCWM(hierarchical, num_components=3)
+    guide(y)
+    assert not bool(guide.travelling)

@@ -159,11 +159,11 @@ class CWMELBO(ELBO):
     tends to give one component all the weight, and a component without weight stops
     moving). An AutoCWM whose components start away from the mass (``guide.travelling``:
     a part of a guide list, whose start cannot climb the density) keeps its classifier
-    held beyond that until they arrive: until its mean moves less than
-    ``TRAVEL_TOLERANCE`` sds in ``2 * TRAVEL_CHECK`` steps (at most ``TRAVEL_MAX_HOLD``
-    warm-ups); else one component arrives first, takes all the weight, and the others,
-    left without gradient, never come. The counter is ``self.step``; use a new CWMELBO
-    for a new fit.
+    held beyond that until they arrive: until the components' means move less than
+    ``TRAVEL_TOLERANCE`` of their sds in ``2 * TRAVEL_CHECK`` steps (at most
+    ``TRAVEL_MAX_HOLD`` warm-ups); else one component arrives first, takes all the
+    weight, and the others, left without gradient, never come. The counter is
+    ``self.step``; use a new CWMELBO for a new fit.
 
     The gradient is the path derivative ("sticking the landing", Roeder, Wu and Duvenaud
     2017): in ``log q(T_k u)`` the parameters enter only through the point, not through
@@ -336,7 +336,7 @@ class CWMELBO(ELBO):
             return True
         arrived = not bool(getattr(part, "travelling", False))
         if not arrived:
-            mean, sd = component_moments(part.get_posterior())
+            mean, sd = _component_moments(part.get_posterior())
             means.append(mean)
             if len(means) == 3:
                 shift = (means[-1] - means.pop(0)) / sd
@@ -350,7 +350,7 @@ class CWMELBO(ELBO):
 
 
 @torch.no_grad()
-def component_moments(posterior, num_samples: int = 256) -> tuple[Tensor, Tensor]:
+def _component_moments(posterior, num_samples: int = 256) -> tuple[Tensor, Tensor]:
     """Each component's mean and sd (K, d) from ``num_samples`` reference draws (seeded:
     the same parameters give the same values, on every process)."""
     device = posterior.reference.mean.device

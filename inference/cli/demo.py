@@ -4,7 +4,7 @@ Two built-in targets with exact samplers (so the reference is exact and log Z = 
 of 8 Gaussians (multimodal, 2-D) and Neal's funnel (10-D). For each target both guides are
 fitted by SVI (AutoCWM's default maps: its start finds the ring's modes and gives it
 location-scale components, and finds no mode in the funnel's neck and gives it an
-autoregressive affine flow; ``--map`` sets them); the command prints an ArviZ
+autoregressive affine flow after them; ``--map`` sets them); the command prints an ArviZ
 summary of each fit and a comparison table (ELBO, IS log Z, KL = log Z - ELBO, PSIS k-hat,
 energy distance to exact draws, time), and writes to ``--out``: the InferenceData of every
 fit (NetCDF), a pair plot of both approximations against the exact draws per target, the
@@ -125,9 +125,10 @@ def add_svi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--components", type=int, default=8, help="K of AutoCWM")
     p.add_argument("--map", choices=MAP_CHOICES, default=None,
                    help="AutoCWM's component maps: location_scale (diagonal), affine (full "
-                   "covariance), flow (a spline flow) or maf (an autoregressive affine flow, "
-                   "for funnels; slower). Default: AutoCWM's own choice, location_scale "
-                   "where its start finds a mode, maf where it finds none (a funnel)")
+                   "covariance), flow (a spline flow), maf (an autoregressive affine flow "
+                   "per component; slower) or iaf (one such flow after the components, "
+                   "shared). Default: AutoCWM's own choice, location_scale where its start "
+                   "finds a mode, iaf where it finds none (a funnel)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam step size (decays 10x "
                    "over the last third of the steps)")
     p.add_argument("--samples", type=int, default=2000,

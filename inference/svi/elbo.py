@@ -106,6 +106,10 @@ def _component_sum(model_trace, guide_trace) -> Tensor | None:
 
 
 RICH_MAP_PARTICLES = 4
+SHARED_FLOW_PARTICLES = 32
+"""Draws per step for maps that share one inverse step (``FlowMaps(flow="iaf")``): they
+train with the full gradient, whose variance, unlike the path gradient's, stays as q
+approaches the posterior; with 4 draws their KL was 2-8 times the autoregressive flow's."""
 
 TRAVEL_CHECK = 50
 """Steps between CWMELBO's checks of whether a travelling AutoCWM's components arrived."""
@@ -174,7 +178,8 @@ class CWMELBO(ELBO):
 
     Args:
         num_particles: draws u per step. None (default): 1, or ``RICH_MAP_PARTICLES``
-            (4) for an AutoCWM whose maps are richer than location-scale.
+            (4) for an AutoCWM whose maps are richer than location-scale, or
+            ``SHARED_FLOW_PARTICLES`` (32) for one whose maps share an inverse step.
         classifier_warmup: number of steps with constant classifiers (0: none).
         path_gradient: use the path derivative (False: the full gradient, score term
             included, as ``TraceEnum_ELBO`` computes it).
@@ -236,7 +241,8 @@ class CWMELBO(ELBO):
         posterior = guide.get_posterior(*args, **kwargs)
         particles = self.num_particles
         if self._particles_by_map and guide.map_chosen != "location_scale":
-            particles = RICH_MAP_PARTICLES
+            shared = posterior.maps.shares_inverse
+            particles = SHARED_FLOW_PARTICLES if shared else RICH_MAP_PARTICLES
         if posterior.maps.shares_inverse:
             # The density at the images without inverting the flow: the full gradient.
             images, log_w, log_q = posterior.rsample_components_with_log_prob((particles,))

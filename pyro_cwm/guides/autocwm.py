@@ -64,12 +64,16 @@ def init_to_prior_sample(site: dict | None = None, radius: float = 2.0):
 
 
 LOC_SCALE = "location_scale"
-AUTO_MAF_MAX_DIM = 64
-"""Largest latent dimension for which ``map="auto"`` picks the autoregressive flow: drawing
-from it takes one pass per coordinate."""
-AUTO_MAF_MISFIT = 1.0
+AUTO_FLOW = ("flow", {"flow": "iaf"})
+"""The maps ``map="auto"`` picks for a funnel or a far from Gaussian mode: one
+autoregressive flow after the components, shared by them (``FlowMaps(flow="iaf")``,
+two transforms), whose draws and density at the draws cost one pass per transform."""
+AUTO_FLOW_MAX_DIM = 64
+"""Largest latent dimension for which ``map="auto"`` picks the flow (its conditioner
+networks grow with the square of the dimension)."""
+AUTO_FLOW_MISFIT = 1.0
 """Laplace misfit (nats, see ``pyro_cwm.guides.laplace.laplace_misfit``) at a mode above
-which ``map="auto"`` picks the autoregressive flow."""
+which ``map="auto"`` picks the flow."""
 MODE_DECREMENT = 0.1
 """Above ``laplace_max_dim``: the L-BFGS end point counts as a mode where its decrement
 ``g^T A A^T g / 2`` under the low-rank curvature is below this many nats."""
@@ -99,8 +103,8 @@ class AutoCWM(AutoContinuous):
         num_components: number of components K.
         hidden_dims: hidden widths of the classifier.
         map: ``"location_scale"``, ``"affine"``, ``"flow"`` ([`CWM`][pyro_cwm.nn.CWM]) or ``"auto"``
-            (see ``map_chosen``): a MAF ``"flow"`` (at most ``AUTO_MAF_MAX_DIM`` dimensions) where
-            the start finds no mode or a Laplace misfit over ``AUTO_MAF_MISFIT``, else loc-scale.
+            (see ``map_chosen``): ``AUTO_FLOW`` (at most ``AUTO_FLOW_MAX_DIM`` dimensions) where
+            the start finds no mode or a Laplace misfit over ``AUTO_FLOW_MISFIT``, else loc-scale.
         init_loc_fn: per-site initialization of the first start, which then climbs.
         spread_init_fn: per-site initialization of the other starts (default
             [`init_to_prior_sample`][pyro_cwm.guides.autocwm.init_to_prior_sample]).
@@ -328,12 +332,15 @@ class AutoCWM(AutoContinuous):
             # autoregressive map makes each coordinate's scale a function of those before.
             # Around a mode, the same holds where the widths change across the mode's
             # typical set, which the Laplace approximation's misfit measures.
-            funnel = searched and dim <= AUTO_MAF_MAX_DIM
+            funnel = searched and dim <= AUTO_FLOW_MAX_DIM
             if funnel and self._best_is_mode:
                 self.laplace_misfit = self._laplace_misfit(locs[0], precision, args, kwargs)
-                funnel = self.laplace_misfit > AUTO_MAF_MISFIT
-            map_name, map_options = ("flow", {"flow": "maf"}) if funnel else (LOC_SCALE, None)
-        self.map_chosen = "maf" if map_options == {"flow": "maf"} else map_name
+                funnel = self.laplace_misfit > AUTO_FLOW_MISFIT
+            map_name, map_options = (LOC_SCALE, None)
+            if funnel:
+                map_name, map_options = AUTO_FLOW[0], dict(AUTO_FLOW[1])
+        flow = (map_options or {}).get("flow") if map_name == "flow" else None
+        self.map_chosen = flow if flow in ("maf", "iaf") else map_name
         self.cwm = CWM(
             dim,
             self.num_components,

@@ -325,7 +325,7 @@ MAPS: dict[str, type[ComponentMaps]] = {
 # presets of their options.
 MAP_PRESETS: dict[str, tuple[str, dict]] = {
     "maf": ("flow", {"flow": "maf"}),
-    "iaf": ("flow", {"flow": "iaf", "transforms": 4}),
+    "iaf": ("flow", {"flow": "iaf"}),
 }
 MAP_CHOICES: tuple[str, ...] = (*MAPS, *MAP_PRESETS)
 
@@ -334,7 +334,8 @@ def map_arguments(name: str | None) -> dict:
     """``map`` and ``map_options`` keyword arguments of ``CWM``/``AutoCWM`` for a name of
     ``MAP_CHOICES``: a family of ``MAPS`` as it is, or a preset: ``"maf"`` (the flow
     family with an autoregressive affine flow, ``map_options={"flow": "maf"}``) or
-    ``"iaf"`` (that flow after the components, shared, with 4 transforms).
+    ``"iaf"`` (that flow after the components, shared by them: what ``map="auto"`` picks
+    for a funnel).
     None gives no arguments: the callee's default (AutoCWM's ``map="auto"``).
 
     Raises:

@@ -19,7 +19,7 @@ from pyro_cwm.data.posteriors import EIGHT_SCHOOLS_Y as Y
 from pyro_cwm.data.posteriors import eight_schools
 from pyro_cwm.data.targets import TARGETS
 from pyro_cwm.guides import AutoCWM
-from pyro_cwm.guides.autocwm import AUTO_MAF_MISFIT
+from pyro_cwm.guides.autocwm import AUTO_FLOW_MISFIT
 from pyro_cwm.guides.log_joint import unconstrained_log_joint
 from tests.helpers import MAP_KINDS, composite_gauss_legendre, map_kwargs
 
@@ -272,8 +272,8 @@ def test_components_start_in_the_typical_set_of_a_confirmed_mode():
     guide = AutoCWM(target.model, num_components=8)
     guide()
     # The curved ridge is far from its Laplace approximation: map="auto" gives the flow.
-    assert guide._best_is_mode and guide.map_chosen == "maf"
-    assert guide.laplace_misfit > AUTO_MAF_MISFIT
+    assert guide._best_is_mode and guide.map_chosen == "iaf"
+    assert guide.laplace_misfit > AUTO_FLOW_MISFIT
     log_p = target.log_prob(component_locs(guide))
     assert log_p.max() - log_p.min() <= 1.0 + 2.0 + 1e-3  # d/2 + 2 sqrt(d/2), d = 2
     assert torch.cdist(component_locs(guide), component_locs(guide)).max() > 1.0
@@ -316,8 +316,8 @@ def test_a_funnel_around_a_mode_gets_the_flow_and_every_component_a_good_start()
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="AutoCWM: the start could not run")
             guide(*posterior.args)
-        assert guide._best_is_mode and guide.map_chosen == "maf", seed
-        assert guide.laplace_misfit > AUTO_MAF_MISFIT
+        assert guide._best_is_mode and guide.map_chosen == "iaf", seed
+        assert guide.laplace_misfit > AUTO_FLOW_MISFIT
         with torch.no_grad():
             log_p = unconstrained_log_joint(
                 posterior.model, guide, component_locs(guide), *posterior.args
@@ -334,7 +334,7 @@ def test_without_a_mode_components_start_where_the_mass_is_not_in_the_neck():
         guide = AutoCWM(target.model, num_components=8)
         guide()
         # no mode: map="auto" gives the components the autoregressive flow
-        assert not guide._best_is_mode and guide.map_chosen == "maf"
+        assert not guide._best_is_mode and guide.map_chosen == "iaf"
         v = component_locs(guide)[:, 0]
         assert v[0] > -4.0 and v.max() > -1.0, (seed, v)
 

@@ -62,7 +62,7 @@ def test_settle_bench_gives_each_target_at_each_length_with_its_map(tmp_path):
     assert [(r["target"], r["steps"]) for r in rows] == [
         ("funnel", 3), ("funnel", 6), ("tight-float64", 3), ("tight-float64", 6)
     ]
-    assert {r["map"] for r in rows if r["target"] == "funnel"} == {"maf"}
+    assert {r["map"] for r in rows if r["target"] == "funnel"} == {"iaf"}
     assert all(math.isfinite(r["kl"]) for r in rows[:2])
     assert all(math.isfinite(r["mean_err"]) and math.isfinite(r["sd_min"]) for r in rows[2:])
     assert json.loads(out.read_text())["rows"] == rows

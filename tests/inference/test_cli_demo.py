@@ -27,8 +27,8 @@ def test_demo_writes_inference_data_plots_and_table(tmp_path, capsys):
     ]
     # AutoCWM's maps per target: location-scale on the ring, the autoregressive flow on
     # the funnel.
-    assert [r["map"] for r in rows] == [None, "location_scale", None, "maf"]
-    assert "AutoCWM (maf)" in stdout
+    assert [r["map"] for r in rows] == [None, "location_scale", None, "iaf"]
+    assert "AutoCWM (iaf)" in stdout
     for r in rows:  # KL = log Z - ELBO with log Z = 0, and IS log Z >= ELBO on average
         assert r["kl"] == pytest.approx(-r["elbo"])
         assert r["is_log_z"] >= r["elbo"] - 1e-6

@@ -229,3 +229,18 @@ def test_a_learning_rate_schedule_is_stepped_once_per_step():
     schedulers = list(optim.optim_objs.values())
     assert schedulers and all(s.last_epoch == 4 for s in schedulers)
     assert all(s.optimizer.param_groups[0]["lr"] == 0.01 * 0.5**4 for s in schedulers)
+
+
+@pytest.mark.parametrize(
+    "map, options, particles",
+    [("location_scale", None, 1), ("flow", {"flow": "maf"}, 4), ("flow", {"flow": "iaf"}, 32)],
+)
+def test_cwmelbo_draws_more_for_richer_maps_and_most_for_a_shared_flow(map, options, particles):
+    # Path gradient: one draw suffices for location-scale maps, four for a flow per
+    # component; the shared flow trains with the full gradient, whose variance stays.
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(eight_schools, num_components=2, map=map, map_options=options)
+    values, log_w = CWMELBO().elbo_terms(eight_schools, guide, Y, SIGMA)
+    assert values.shape == (particles,) and log_w.shape == (particles, 2)
+    values, _ = CWMELBO(num_particles=3).elbo_terms(eight_schools, guide, Y, SIGMA)
+    assert values.shape == (3,)

@@ -158,23 +158,16 @@ class CWMELBO(ELBO):
       particles), which also sums discrete model sites marked for enumeration.
 
     For the first ``classifier_warmup`` steps the classifiers are held constant (their
-    gradients are dropped; they start uniform): every component moves, with weight 1/K,
-    to the mode nearest its spread start before the weights adapt (reverse KL otherwise
-    tends to give one component all the weight, and a component without weight stops
-    moving). An AutoCWM whose components start away from the mass (``guide.travelling``:
-    a part of a guide list, whose start cannot climb the density) keeps its classifier
-    held beyond that until they arrive: until the components' means move less than
-    ``TRAVEL_TOLERANCE`` of their sds in ``2 * TRAVEL_CHECK`` steps (at most
-    ``TRAVEL_MAX_HOLD`` warm-ups); else one component arrives first, takes all the
-    weight, and the others, left without gradient, never come. The counter is
-    ``self.step``; use a new CWMELBO for a new fit.
+    gradients dropped): every component moves, with weight 1/K, to the mode nearest its
+    start before the weights adapt; else one component tends to take all the weight, and
+    one without weight stops moving. An AutoCWM whose components start away from the mass
+    (``guide.travelling``: a guide-list part, which cannot climb the density) stays held
+    until they arrive (``TRAVEL_TOLERANCE``). The counter is ``self.step``.
 
-    The gradient is the path derivative ("sticking the landing", Roeder, Wu and Duvenaud
-    2017): in ``log q(T_k u)`` the parameters enter only through the point, not through
-    the density's own parameters. The dropped score term has expectation zero, so the
-    estimate stays unbiased, and its variance vanishes as q approaches the posterior.
-    An ``AutoGuideList`` keeps the full gradient, and so do maps that share one inverse
-    step (``FlowMaps(flow="iaf")``), whose density at the draws needs no inversion.
+    The gradient is the path derivative (Roeder, Wu and Duvenaud 2017): the parameters
+    enter ``log q(T_k u)`` only through the point; the dropped score term has expectation
+    zero and vanishing variance as q approaches the posterior. An ``AutoGuideList`` and
+    maps that share one inverse step (``FlowMaps(flow="iaf")``) keep the full gradient.
 
     Args:
         num_particles: draws u per step. None (default): 1, or ``RICH_MAP_PARTICLES``

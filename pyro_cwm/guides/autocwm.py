@@ -347,6 +347,7 @@ class AutoCWM(AutoContinuous):
             hidden_dims=self._hidden_dims,
             map=map_name,
             map_options=map_options,
+            spread=False,  # set_gaussian_mixture below places the components
         ).to(device=locs.device, dtype=locs.dtype)
         self.preconditioned_maps = PreconditionedMaps(
             self.cwm.maps, shift, matrix, vectors, widths
@@ -415,11 +416,15 @@ class AutoCWM(AutoContinuous):
         try:
             with poutine.block():
                 log_joint, dtype = self._precise_log_joint(args, kwargs, starts[best])
-                point, value = lbfgs_mode(log_joint, starts[best].to(dtype), LBFGS_ITERATIONS)
                 # The products in the model's dtype: in float64 they cost twice as much (a
                 # 1,000-D logistic regression's set-up: 11 s against 6 s), and the widths
-                # came out the same on the scale bench's regressions.
+                # came out the same on the scale bench's regressions. The climb, too, runs
+                # in the model's dtype until it stalls, then finishes in float64.
                 native = self._log_joint(args, kwargs)
+                coarse = None if dtype == starts.dtype else (native, starts.dtype)
+                point, value = lbfgs_mode(
+                    log_joint, starts[best].to(dtype), LBFGS_ITERATIONS, coarse=coarse
+                )
                 curvature = low_rank_curvature(native, point.to(starts.dtype), rank, block)
                 with torch.enable_grad():
                     u = point[None].clone().requires_grad_(True)

@@ -120,11 +120,20 @@ def _project_off(rows: Tensor, basis: Tensor) -> Tensor:
 
 
 def lbfgs_mode(
-    log_joint: LogJoint, u: Tensor, max_iter: int = 500, tol: float = 1e-3, every: int = 10
+    log_joint: LogJoint,
+    u: Tensor,
+    max_iter: int = 500,
+    tol: float = 1e-3,
+    every: int = 10,
+    coarse: tuple[LogJoint, torch.dtype] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Climb ``log_joint`` from u (d,) by L-BFGS with a strong Wolfe line search and
     O(d) memory, until ``every`` iterations gain less than ``tol`` nats together or after
     ``max_iter`` iterations. Where it ends lower than u or not finite: u.
+
+    ``coarse``: a cheaper log joint and the dtype of its points (the model's float32
+    beside a float64 ``log_joint``), climbed first until it stops gaining; the same
+    L-BFGS, its history kept, then finishes on ``log_joint``.
 
     Returns:
         ``(u, log_p)``: the point (d,) and its log density (a scalar tensor).
@@ -133,6 +142,10 @@ def lbfgs_mode(
     with torch.no_grad():
         start_value = log_joint(start[None])[0]
     point = start.clone().requires_grad_(True)
+    phases = [(log_joint, start.dtype)]
+    if coarse is not None:
+        phases.insert(0, coarse)
+    current, dtype = phases[0]
     # torch's own tolerances would stop it where a step's largest coordinate is below
     # tolerance_change: far too early along narrow directions (widths of 1e-2).
     optimizer = torch.optim.LBFGS(
@@ -147,23 +160,31 @@ def lbfgs_mode(
     def closure() -> Tensor:
         optimizer.zero_grad()
         with torch.enable_grad():
-            loss = -log_joint(point[None])[0]
+            loss = -current(point.to(dtype)[None])[0].to(point.dtype)
             if not torch.isfinite(loss):
                 # Out of the support: a high value that the line search backs away from.
                 return loss.detach().nan_to_num(1e300, 1e300, 1e300)
             loss.backward()
         return loss
 
-    best = start_value
+    with torch.no_grad():
+        best = start_value if coarse is None else current(start.to(dtype)[None])[0]
     with warnings.catch_warnings(), pyro.validation_enabled(False):
         warnings.simplefilter("ignore")
         for _ in range(max(1, max_iter // every)):
             optimizer.step(closure)
             with torch.no_grad():
-                value = log_joint(point.detach()[None])[0]
+                value = current(point.detach().to(dtype)[None])[0]
             if not (torch.isfinite(value) and value - best >= tol):
-                break
+                if current is log_joint:
+                    break
+                current, dtype = phases[-1]
+                with torch.no_grad():
+                    value = log_joint(point.detach()[None])[0]
             best = value
+        if current is not log_joint:  # max_iter reached in the coarse phase
+            with torch.no_grad():
+                value = log_joint(point.detach()[None])[0]
     if not (torch.isfinite(value) and value >= start_value):
         return start, start_value
     return point.detach(), value

@@ -65,6 +65,8 @@ class CWM(nn.Module):
         standardize_context: feed the networks ``(context - mean) / std``, with the mean
             and std of the first context the module is called with (buffers, saved in the
             ``state_dict``); the distribution is still conditional on the raw context.
+        spread: spread the components at the start, as below; False leaves every map the
+            identity, for a caller that sets the mixture itself (AutoCWM).
 
     Initially the classifier is constant (uniform weights) and the components are spread
     over the reference (see [`reference_cells`][pyro_cwm.nn.cwm.reference_cells]): K
@@ -86,6 +88,7 @@ class CWM(nn.Module):
         context_dim: int = 0,
         map_options: dict[str, Any] | None = None,
         standardize_context: bool = True,
+        spread: bool = True,
     ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
@@ -104,7 +107,7 @@ class CWM(nn.Module):
         self.register_buffer("context_scale", torch.ones(self.context_dim))
         self.register_buffer("context_set", torch.tensor(False))
         self._context_set = False  # a Python copy: no device sync on every call
-        if num_components > 1:
+        if spread and num_components > 1:
             loc, scale = reference_cells(num_components, dim)
             self.set_gaussian_mixture(torch.ones(num_components), loc, scale)
 

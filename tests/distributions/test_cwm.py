@@ -435,3 +435,12 @@ def test_the_log_density_at_the_images_is_log_prob_there(map, context_dim):
     expected = torch.stack([distribution.log_prob(x[..., k, :]) for k in range(4)], -1)
     assert torch.allclose(log_p, expected, atol=1e-8)
     assert cwm.maps.shares_inverse == (map == "iaf")
+
+
+def test_components_start_spread_over_the_reference_unless_told_not_to():
+    # Spread: the K cells of a k-means partition of N(0, I), together close to N(0, I).
+    locs = CWM(3, 4)().rsample_components((2000,))[0].mean(0)  # (K, d)
+    assert (torch.cdist(locs, locs) + torch.eye(4)).min() > 0.5
+    # spread=False: every map the identity (for a caller that places them itself).
+    images = CWM(3, 4, spread=False)().rsample_components((5,))[0]
+    assert torch.equal(images, images[:, :1].expand_as(images))

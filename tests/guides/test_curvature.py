@@ -127,3 +127,26 @@ def test_lbfgs_reaches_the_mode_of_an_ill_conditioned_gaussian_and_never_goes_do
 
     point, value = lbfgs_mode(spike, torch.zeros(d))
     assert torch.equal(point, torch.zeros(d)) and value.item() == 0
+
+
+def test_lbfgs_climbs_a_coarse_log_joint_first_and_finishes_on_the_precise_one():
+    # The coarse one is the same density in float32 beside a large constant (as a model's
+    # log joint of thousands of nats): its values are 1e-3 apart, too coarse to finish.
+    d = 50
+    precision = random_precision(d, torch.logspace(0, 3, d), seed=6)
+    mean = torch.randn(d)
+    precise, calls = gaussian(precision, mean), {"coarse": 0, "precise": 0}
+
+    def coarse(u):
+        calls["coarse"] += 1
+        assert u.dtype == torch.float32
+        return gaussian(precision.float(), mean.float())(u) - 1e4
+
+    def counted(u):
+        calls["precise"] += 1
+        return precise(u)
+
+    point, value = lbfgs_mode(counted, torch.zeros(d), tol=1e-9, coarse=(coarse, torch.float32))
+    assert calls["coarse"] > 10 and calls["precise"] > 2
+    assert torch.allclose(point, mean, atol=1e-5)
+    assert value.dtype == torch.float64 and value.item() == precise(point[None]).item()

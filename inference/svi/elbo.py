@@ -209,6 +209,7 @@ class CWMELBO(ELBO):
         # AutoCWM parts that start away from the mass (by id): their components' recent
         # means, or None once they arrived.
         self._travel: dict[int, list[Tensor] | None] = {}
+        self._settled = False  # past the warm-up with every part arrived
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, as ``Trace_ELBO`` draws it (for ELBO helpers)."""
@@ -310,11 +311,11 @@ class CWMELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         warming = self.step < self.classifier_warmup
-        classifiers = [
-            part.cwm.classifier
-            for part in cwm_guides(guide)
-            if warming or self._travelling(part)
-        ]
+        classifiers = []
+        if warming or not self._settled:  # past the holds: no per-step search for parts
+            parts = cwm_guides(guide)
+            classifiers = [p.cwm.classifier for p in parts if warming or self._travelling(p)]
+            self._settled = not warming and all(self._travel[id(p)] is None for p in parts)
         if warming:
             classifiers += list(self._reparam.classifiers.values())
         for classifier in classifiers:
@@ -328,8 +329,10 @@ class CWMELBO(ELBO):
         warm-up; checked every ``TRAVEL_CHECK`` steps; ``part.travelling`` is cleared on
         arrival)."""
         key = id(part)
+        if self.classifier_warmup == 0:  # no warm-up asked for: no hold either
+            self._travel[key] = None
         means = self._travel.setdefault(key, [])
-        if self.classifier_warmup == 0 or means is None:
+        if means is None:
             return False
         if means and self.step % TRAVEL_CHECK:
             return True

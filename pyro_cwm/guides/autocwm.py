@@ -170,7 +170,6 @@ class AutoCWM(AutoContinuous):
             raise ValueError(f"laplace_floor must be a positive float, got {laplace_floor!r}")
         self._laplace_floor = float(laplace_floor)
         self._laplace_rank = check_positive_int("laplace_rank", laplace_rank)
-        self._curvature: LowRankCurvature | None = None
         self._best_is_mode = False
         self.laplace_misfit: float | None = None
         # Enumerated discrete sites are summed out by the ELBO, not guided.
@@ -284,14 +283,14 @@ class AutoCWM(AutoContinuous):
     def _initialize(self, args: tuple, kwargs: dict) -> None:
         """Create the CWM, its components spread over the modes found by the start."""
         dim = self.latent_dim
-        locs, use_laplace = None, False
+        locs, use_laplace, curvature = None, False, None
         self._best_is_mode, searched = False, False
         self._precise = None  # the log joint for curvature, set by _precise_log_joint
         # In an AutoGuideList the other parts' sites would be drawn from their priors when
         # the model runs at AutoCWM's sites alone: its density is not the one to climb.
         if self.master is None:
             try:
-                locs, use_laplace = self._model_start(args, kwargs)
+                locs, use_laplace, curvature = self._model_start(args, kwargs)
                 searched = use_laplace and self._newton_steps > 0
             except (RuntimeError, ValueError) as error:
                 warnings.warn(
@@ -314,7 +313,6 @@ class AutoCWM(AutoContinuous):
         vectors = widths = None
         scales = torch.full_like(locs, self._init_scale)
         precision = None  # the negative Hessian at the best start
-        curvature, self._curvature = self._curvature, None
         if curvature is not None:
             # Widths along the preconditioner's axes are its own (at a mode, the Laplace ones).
             shift, matrix = locs[0], curvature.scale.to(locs.dtype)
@@ -367,17 +365,21 @@ class AutoCWM(AutoContinuous):
         large = self.latent_dim > self._laplace_max_dim
         return self.num_components * (1 if large else 8)
 
-    def _model_start(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
-        """Component locations from starts climbed up the model's log density."""
+    def _model_start(
+        self, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, bool, LowRankCurvature | None]:
+        """Component locations from starts climbed up the model's log density, whether the
+        dense Laplace start applies, and the low-rank curvature above ``laplace_max_dim``."""
         starts = torch.stack(
             [self._init_loc()]
             + [self._spread_loc(args, kwargs) for _ in range(self._starts() - 1)]
         )
         use_laplace = self._laplace and self.latent_dim <= self._laplace_max_dim
+        curvature = None
         if self._laplace and not use_laplace:
             # L-BFGS from the best start replaces the climb where the curvature serves.
-            starts, log_p = self._curvature_start(starts, args, kwargs)
-            if self._curvature is None:
+            starts, log_p, curvature = self._curvature_start(starts, args, kwargs)
+            if curvature is None:
                 starts, log_p = self._climb(starts, args, kwargs)
         else:
             starts, log_p = self._climb(starts, args, kwargs)
@@ -386,16 +388,16 @@ class AutoCWM(AutoContinuous):
             if not self._best_is_mode:
                 mass = self._laplace_log_mass(starts, log_p, args, kwargs)
                 if mass is not None:
-                    return self._separate(self._select_starts(starts, mass)), use_laplace
+                    return self._separate(self._select_starts(starts, mass)), use_laplace, None
         locs = self._select_starts(starts, log_p)
-        return (locs if self._best_is_mode else self._separate(locs)), use_laplace
+        return (locs if self._best_is_mode else self._separate(locs)), use_laplace, curvature
 
     def _curvature_start(
         self, starts: torch.Tensor, args: tuple, kwargs: dict
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, LowRankCurvature | None]:
         """Above ``laplace_max_dim``: L-BFGS from the best start, and the diagonal-plus-
         low-rank curvature at its end (``laplace_rank`` Hessian-vector products in blocks
-        of K, ``pyro_cwm.guides.curvature.low_rank_curvature``), kept for ``_initialize``.
+        of K, ``pyro_cwm.guides.curvature.low_rank_curvature``).
 
         The end point replaces the start it came from, and counts as a mode where the
         curvature is positive and the decrement below ``MODE_DECREMENT`` nats; elsewhere
@@ -403,14 +405,14 @@ class AutoCWM(AutoContinuous):
         differentiated twice no curvature is kept.
 
         Returns:
-            The starts and their log densities.
+            The starts, their log densities and the curvature (None where there is none).
         """
-        self._best_is_mode, self._curvature = False, None
+        self._best_is_mode = False
         with poutine.block(), torch.no_grad():
             log_p = self._log_joint(args, kwargs)(starts)
         finite = torch.isfinite(log_p)
         if not finite.any():
-            return starts, log_p
+            return starts, log_p, None
         best = int(torch.where(finite, log_p, -torch.inf).argmax())
         rank, block = self._laplace_rank, self.num_components
         try:
@@ -430,17 +432,16 @@ class AutoCWM(AutoContinuous):
                     u = point[None].clone().requires_grad_(True)
                     (grad,) = torch.autograd.grad(log_joint(u).sum(), u)
         except (RuntimeError, ValueError):
-            return starts, log_p
+            return starts, log_p, None
         decrement = 0.5 * (grad * curvature.inverse_hessian(grad.to(starts.dtype))).sum()
         if not all(torch.isfinite(t).all() for t in (grad, curvature.scale, curvature.widths)):
-            return starts, log_p
+            return starts, log_p, None
         self._best_is_mode = curvature.positive and bool(decrement < MODE_DECREMENT)
         if not self._best_is_mode:
             curvature = curvature.floored(self._laplace_floor)
-        self._curvature = curvature
         starts, log_p = starts.clone(), log_p.clone()
         starts[best], log_p[best] = point.to(starts.dtype), value.to(log_p.dtype)
-        return starts, log_p
+        return starts, log_p, curvature
 
     def _laplace_log_mass(
         self, starts: torch.Tensor, log_p: torch.Tensor, args: tuple, kwargs: dict

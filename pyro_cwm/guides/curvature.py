@@ -142,10 +142,7 @@ def lbfgs_mode(
     with torch.no_grad():
         start_value = log_joint(start[None])[0]
     point = start.clone().requires_grad_(True)
-    phases = [(log_joint, start.dtype)]
-    if coarse is not None:
-        phases.insert(0, coarse)
-    current, dtype = phases[0]
+    current, dtype = (log_joint, start.dtype) if coarse is None else coarse
     # torch's own tolerances would stop it where a step's largest coordinate is below
     # tolerance_change: far too early along narrow directions (widths of 1e-2).
     optimizer = torch.optim.LBFGS(
@@ -178,7 +175,7 @@ def lbfgs_mode(
             if not (torch.isfinite(value) and value - best >= tol):
                 if current is log_joint:
                     break
-                current, dtype = phases[-1]
+                current, dtype = log_joint, start.dtype
                 with torch.no_grad():
                     value = log_joint(point.detach()[None])[0]
             best = value

@@ -127,9 +127,9 @@ def lbfgs_mode(
     every: int = 10,
     coarse: tuple[LogJoint, torch.dtype] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Climb ``log_joint`` from u (d,) by L-BFGS with a strong Wolfe line search and
-    O(d) memory, until ``every`` iterations gain less than ``tol`` nats together or after
-    ``max_iter`` iterations. Where it ends lower than u or not finite: u.
+    """Climb ``log_joint`` from u (d,) by L-BFGS (20 pairs of history, O(d) memory) with
+    a strong Wolfe line search, until ``every`` iterations gain less than ``tol`` nats
+    together or after ``max_iter`` iterations. Where it ends lower than u or not finite: u.
 
     ``coarse``: a cheaper log joint and the dtype of its points (the model's float32
     beside a float64 ``log_joint``), climbed first until it stops gaining; the same
@@ -152,32 +152,45 @@ def lbfgs_mode(
         line_search_fn="strong_wolfe",
         tolerance_grad=1e-12,
         tolerance_change=1e-15,
+        # torch's default of 100 pairs makes the two-loop recursion (hundreds of small
+        # ops) cost more than a cheap model's evaluation; 20 needs as many evaluations.
+        history_size=20,
     )
 
+    memo: dict[str, Tensor] = {}
+
     def closure() -> Tensor:
+        # Each step begins where the last one's line search mostly ended, on its last
+        # evaluation: that evaluation is reused, not repeated.
         optimizer.zero_grad()
+        here = point.detach()
+        if memo and torch.equal(memo["point"], here):
+            point.grad = memo["grad"].clone()
+            return memo["loss"]
         with torch.enable_grad():
             loss = -current(point.to(dtype)[None])[0].to(point.dtype)
             if not torch.isfinite(loss):
                 # Out of the support: a high value that the line search backs away from.
                 return loss.detach().nan_to_num(1e300, 1e300, 1e300)
             loss.backward()
+        memo.update(point=here.clone(), grad=point.grad.clone(), loss=loss.detach())
         return loss
 
-    with torch.no_grad():
-        best = start_value if coarse is None else current(start.to(dtype)[None])[0]
+    def value_here() -> Tensor:
+        return -closure().detach()
+
     with warnings.catch_warnings(), pyro.validation_enabled(False):
         warnings.simplefilter("ignore")
+        best = start_value if coarse is None else value_here()
         for _ in range(max(1, max_iter // every)):
             optimizer.step(closure)
-            with torch.no_grad():
-                value = current(point.detach().to(dtype)[None])[0]
+            value = value_here()
             if not (torch.isfinite(value) and value - best >= tol):
                 if current is log_joint:
                     break
                 current, dtype = log_joint, start.dtype
-                with torch.no_grad():
-                    value = log_joint(point.detach()[None])[0]
+                memo.clear()
+                value = value_here()
             best = value
         if current is not log_joint:  # max_iter reached in the coarse phase
             with torch.no_grad():

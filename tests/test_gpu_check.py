@@ -11,7 +11,7 @@ import pytest
 from inference.bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_STAGES = ["environment", "pytest_cuda", "em_diag", "em_full", "vi_step_cost",
+BENCH_STAGES = ["environment", "pytest_cuda", "em_diag", "em_full", "vi_step_cost", "scale",
                 "density_probe", "density"]
 
 
@@ -38,13 +38,16 @@ def test_the_script_runs_every_stage_on_a_cpu_and_writes_the_report(tmp_path):
     assert {r["target"] for r in stages["vi_step_cost"]["figures"]["rows"]} == {
         "eight_schools", "linreg100"
     }
+    scale = stages["scale"]["figures"]["rows"]
+    assert [r["method"] for r in scale] == ["AutoCWM", "AutoNormal", "AutoLowRankMVN"]
+    assert all(r["dim"] == 300 and r["sd_ratio_min"] > 0 for r in scale)
     assert [r["model"] for r in stages["density"]["figures"]["rows"]][:3] == [
         "cwm", "realnvp", "nsf"
     ]
     # The table is printed and written, one line per stage.
     table = (out / "gpu-check.md").read_text()
     assert table.strip() in result.stdout
-    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 9
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 10
 
 
 def stage(argv):

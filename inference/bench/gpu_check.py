@@ -13,6 +13,9 @@ why), writes ``OUT/gpu-check.json`` and prints a Markdown table:
   minutes per iteration on one thread at this size, much of it single-threaded numpy).
 - ``vi_step_cost``: `inference.bench.vi` ``--step-cost``, AutoCWM
   against AutoNormal per SVI step on eight schools and the 100-D regression.
+- ``scale``: `inference.bench.scale` on the linear regression at D = 100,000 (N = 2,000):
+  AutoCWM's 2,000 steps, then AutoNormal and AutoLowRankMultivariateNormal at its wall
+  time; set-up, step, peak GPU memory and accuracy against the exact posterior.
 - ``density_probe``, ``density``: `inference.bench.density`'s
   image suite (CWM against the flows); the probe runs one epoch of each model, and the
   main run gets as many epochs (at most the suite's 30) as the time left allows.
@@ -163,6 +166,12 @@ def read_vi(out: Path, log: Path) -> dict:
     return {"rows": rows}
 
 
+def read_scale(out: Path, log: Path) -> dict:
+    path = out / "scale.json"
+    rows = json.loads(path.read_text()) if path.exists() else json_lines(log)
+    return {"rows": rows}
+
+
 def read_density(folder: str) -> Callable[[Path, Path], dict]:
     def read(out: Path, log: Path) -> dict:
         path = out / folder / "density.json"
@@ -210,7 +219,8 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         vi = ["--step-cost-components", "2", "--step-cost-steps", "5"]
         density = ["--num-train", "1000", "--num-test", "200", "--components", "4",
                    "--batch-size", "250"]
-        max_epochs, caps = 2, {"pytest": 60, "em": 60, "vi": 60, "probe": 60}
+        scale = ["--dims", "300", "--points", "100", "--steps", "20", "--samples", "50"]
+        max_epochs, caps = 2, {"pytest": 60, "em": 60, "vi": 60, "scale": 90, "probe": 60}
     else:
         em_size = ["--sizes", "large"]
         em_iters = {"diag": "10", "full": "1"}
@@ -218,8 +228,10 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         # H200 machine (its per-component numpy passes are single-threaded): a quarter of it
         em_points["full"] = 250_000
         vi = ["--step-cost-components", "2,4,8,16", "--step-cost-steps", "100"]
+        scale = ["--dims", "100000"]
         density = []
-        max_epochs, caps = DENSITY_MAX_EPOCHS, {"pytest": 120, "em": 150, "vi": 100, "probe": 60}
+        caps = {"pytest": 120, "em": 150, "vi": 100, "scale": 150, "probe": 60}
+        max_epochs = DENSITY_MAX_EPOCHS
     flows = "cwm,realnvp,nsf"
 
     def em(family: str) -> list[str]:
@@ -261,6 +273,13 @@ def plan(args: argparse.Namespace) -> list[Stage]:
              "eight_schools,linreg100", *vi, "--device", device,
              "--out", str(out / "vi-step-cost.json")],
             caps["vi"], 30, read_vi, ("vi-step-cost.json",),
+        ),
+        Stage(
+            "scale", "AutoCWM at scale, linear regression",
+            ["-m", "inference.bench.scale", "--targets", "linear", *scale,
+             "--methods", "AutoCWM,AutoNormal,AutoLowRankMVN", "--threads", threads,
+             "--device", device, "--out", str(out / "scale.json")],
+            caps["scale"], 30, read_scale, ("scale.json",),
         ),
         Stage(
             "density_probe", "image density, 1-epoch probe",
@@ -432,6 +451,16 @@ def summary(entry: dict) -> str:
             )
             parts.append(f"{target}: {ratios}")
         return "; ".join(parts)
+    if name == "scale" and rows:
+        parts = [
+            f"{r['method']} {r['mean_err_max']:.3f} sd, {r['step_ms']:.1f} ms/step"
+            for r in rows if "mean_err_max" in r
+        ]
+        cwm = next((r for r in rows if r["method"] == "AutoCWM" and "setup_s" in r), None)
+        head = f"D={rows[0]['dim']:,}" + (
+            f", AutoCWM set-up {cwm['setup_s']:.1f} s, {cwm['peak_mb']:.0f} MB" if cwm else ""
+        )
+        return f"{head}; worst mean error: " + ", ".join(parts)
     if name.startswith("density") and rows:
         settings = figures.get("settings", {})
         nll = ", ".join(f"{r['model'].split(' ')[0]} {r['nll_logit']:.3f}" for r in rows)

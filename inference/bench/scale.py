@@ -1,4 +1,4 @@
-"""AutoCWM at 10^2 to 10^4 latent dimensions against Pyro's Gaussian autoguides.
+"""AutoCWM at 10^2 to 10^5 latent dimensions against Pyro's Gaussian autoguides.
 
 Targets (``--targets``), at each latent dimension D of ``--dims``, N = ``--points`` rows:
 
@@ -16,13 +16,16 @@ runs first for ``--steps`` steps; the others then get the same wall time (set-up
 training), their number of steps set from a short probe of their step time.
 
 Each (target, D, method) runs in its own process, so that its peak memory (``ru_maxrss``
-above the data's) is its own. Columns: set-up (the guide's first call) in seconds, the
-median step in ms, steps run, peak memory in MB, and for ``linear`` the worst and median
-error of the marginal means in posterior sds and the range and median of the sd ratios
-(``--samples`` draws).
+above the data's; on a GPU, ``torch.cuda.max_memory_allocated`` above the data's) is its
+own. ``--device cuda`` puts the data on the GPU and runs each fit under
+``torch.device("cuda")``; the exact posterior is solved there too. Columns: set-up (the
+guide's first call) in seconds, the median step in ms, steps run, peak memory in MB, and
+for ``linear`` the worst and median error of the marginal means in posterior sds and the
+range and median of the sd ratios (``--samples`` draws).
 
     python -m inference.bench.scale --dims 100,1000,10000 --targets linear,logistic
     python -m inference.bench.scale --step-cost --dims 10000 --steps 50   # step side by side
+    python -m inference.bench.scale --targets linear --dims 100000 --device cuda
 """
 
 from __future__ import annotations
@@ -70,16 +73,17 @@ def logistic(x: Tensor, y: Tensor) -> None:
         pyro.sample("y", dist.Bernoulli(logits=(x * w).sum(-1)), obs=y)
 
 
-def make_target(name: str, dim: int, num_points: int, seed: int = 0):
-    """``(model, args)`` of target ``name`` at dimension ``dim``."""
+def make_target(name: str, dim: int, num_points: int, seed: int = 0, device: str = "cpu"):
+    """``(model, args)`` of target ``name`` at dimension ``dim``, the data on ``device``
+    (drawn on the CPU, so the same on every device)."""
     x, w = design(num_points, dim, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     if name == "linear":
         y = x @ w + torch.randn(num_points, generator=generator)
-        return linreg, (x, y)
+        return linreg, (x.to(device), y.to(device))
     if name == "logistic":
         y = torch.bernoulli(torch.sigmoid(x @ w), generator=generator)
-        return logistic, (x, y)
+        return logistic, (x.to(device), y.to(device))
     raise ValueError(f"unknown target {name!r}, not one of {TARGETS}")
 
 
@@ -113,8 +117,16 @@ def make_guide(method: str, model):
     raise ValueError(f"unknown method {method!r}, not one of {METHODS}")
 
 
-def max_rss_mb() -> float:
+def peak_mb(device: str) -> float:
+    """The process's peak memory so far in MB: resident on the CPU, allocated on a GPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def warm_torch_optim() -> None:
@@ -128,14 +140,15 @@ def run_one(target: str, dim: int, method: str, args) -> dict:
     """One fit in this process: set-up, steps (``args.steps``, or the wall time
     ``args.budget`` in seconds), memory and, for ``linear``, accuracy."""
     torch.set_num_threads(args.threads)
-    model, data = make_target(target, dim, args.points)
+    model, data = make_target(target, dim, args.points, device=args.device)
     warm_torch_optim()
-    baseline = max_rss_mb()
+    baseline = peak_mb(args.device)
     pyro.set_rng_seed(0)
     guide = make_guide(method, model)
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.device(args.device):
         guide(*data)  # the set-up: parameters, and AutoCWM's start
+    synchronize(args.device)
     setup_s = time.perf_counter() - started
     steps = args.steps
     if args.budget is not None:  # the same wall time as AutoCWM's set-up and fit
@@ -152,12 +165,14 @@ def run_one(target: str, dim: int, method: str, args) -> dict:
         "steps": steps,
         "step_ms": 1e3 * history["time_s"] / steps,
         "total_s": setup_s + history["time_s"],
-        "peak_mb": max_rss_mb() - baseline,
+        "peak_mb": peak_mb(args.device) - baseline,
+        "device": args.device,
     }
     if target == "linear":
         mean, sd = linear_posterior(*data)
-        with torch.no_grad(), poutine.block():  # the guide alone: the model's call is
-            # what a draw costs at 10^5 dimensions (N x D), and w is all that is read
+        # The guide alone: at 10^5 dimensions the model's call (N x D) is what a draw
+        # costs, and w is all that is read.
+        with torch.no_grad(), poutine.block(), torch.device(args.device):
             draws = torch.stack([guide(*data)["w"].reshape(dim) for _ in range(args.samples)])
         draws = draws.double()
         error = (draws.mean(0) - mean).abs() / sd
@@ -178,7 +193,7 @@ def step_cost(target: str, dim: int, args, rounds: int = 5) -> dict:
     of ``args.steps`` steps each; the medians of the blocks' times per step and their
     ratio."""
     torch.set_num_threads(args.threads)
-    model, data = make_target(target, dim, args.points)
+    model, data = make_target(target, dim, args.points, device=args.device)
     warm_torch_optim()
     guides, setup = {}, {}
     pyro.clear_param_store()  # AutoNormal's parameters of an earlier dimension
@@ -186,8 +201,9 @@ def step_cost(target: str, dim: int, args, rounds: int = 5) -> dict:
         pyro.set_rng_seed(0)
         guides[method] = make_guide(method, model)
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), torch.device(args.device):
             guides[method](*data)
+        synchronize(args.device)
         setup[method] = time.perf_counter() - started
         fit_svi(model, guides[method], *data, num_steps=5, progress=False)
     times = {method: [] for method in guides}
@@ -200,6 +216,7 @@ def step_cost(target: str, dim: int, args, rounds: int = 5) -> dict:
     return {
         "target": target,
         "dim": dim,
+        "device": args.device,
         "autocwm_setup_s": setup["AutoCWM"],
         "autocwm_step_ms": 1e3 * cwm,
         "autonormal_step_ms": 1e3 * normal,
@@ -213,7 +230,7 @@ def child(target: str, dim: int, method: str, args, budget: float | None) -> dic
     command = [sys.executable, "-m", "inference.bench.scale", "--one", f"{target}:{dim}:{method}"]
     command += ["--points", str(args.points), "--steps", str(args.steps)]
     command += ["--samples", str(args.samples), "--threads", str(args.threads)]
-    command += ["--max-steps", str(args.max_steps)]
+    command += ["--max-steps", str(args.max_steps), "--device", args.device]
     if budget is not None:
         command += ["--budget", str(budget)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -267,6 +284,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--samples", type=int, default=2000, help="draws for the accuracy")
     p.add_argument("--mvn-max-dim", type=int, default=2000, help="largest D for AutoMVN")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="device of the data and the fits")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per fit process")
     p.add_argument("--out", default="bench-out/scale.json")
     p.add_argument(

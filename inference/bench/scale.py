@@ -94,11 +94,11 @@ def linear_posterior(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     x, y = x.double(), y.double()
     n, d = x.shape
     if d <= n:
-        chol = torch.linalg.cholesky(torch.eye(d, dtype=x.dtype) + x.T @ x)
+        chol = torch.linalg.cholesky(torch.eye(d, dtype=x.dtype, device=x.device) + x.T @ x)
         mean = torch.cholesky_solve((x.T @ y)[:, None], chol)[:, 0]
         variance = torch.cholesky_inverse(chol).diagonal()
         return mean, variance.sqrt()
-    chol = torch.linalg.cholesky(torch.eye(n, dtype=x.dtype) + x @ x.T)
+    chol = torch.linalg.cholesky(torch.eye(n, dtype=x.dtype, device=x.device) + x @ x.T)
     mean = x.T @ torch.cholesky_solve(y[:, None], chol)[:, 0]
     half = torch.linalg.solve_triangular(chol, x, upper=False)  # L^-1 X, (N, D)
     variance = 1 - half.square().sum(0)

@@ -1,6 +1,7 @@
 """AutoCWM above ``laplace_max_dim``: memory O(K D) and a start that scales."""
 
 import pyro
+import pytest
 import torch
 
 from inference import fit_svi
@@ -68,3 +69,17 @@ def test_above_laplace_max_dim_the_start_is_the_exact_posterior_of_a_correlated_
     assert ((draws.mean(0) - mean).abs() / sd).max() < 0.05
     ratio = draws.std(0) / sd
     assert 0.96 < ratio.min() and ratio.max() < 1.04
+
+
+@pytest.mark.cuda
+def test_above_laplace_max_dim_the_set_up_and_the_fit_run_on_cuda():
+    # The L-BFGS climb (float32, then float64) and the Hessian-vector products on the GPU.
+    x, y = (t.cuda() for t in data())
+    pyro.set_rng_seed(0)
+    guide = AutoCWM(linear, num_components=K, laplace_max_dim=D - 1, laplace_rank=8)
+    fit_svi(linear, guide, x, y, num_steps=20, progress=False)
+    assert guide.cwm.reference_loc.is_cuda and guide._best_is_mode
+    mean, sd = linear_posterior(x.cpu(), y.cpu())
+    with torch.no_grad():
+        median = guide.median(x, y)["w"].double().cpu()
+    assert ((median - mean).abs() / sd).max() < 1.0

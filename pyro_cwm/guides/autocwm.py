@@ -355,6 +355,7 @@ class AutoCWM(AutoContinuous):
         if self._best_is_mode:
             inner = self._separate(inner)
         self.cwm.set_gaussian_mixture(weights, inner, scales)
+        self._precise = None  # it holds float64 copies of the data: not past the set-up
 
     def _starts(self) -> int:
         """The number of starts: ``num_starts``, by default 8 K, or K above

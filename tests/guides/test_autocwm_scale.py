@@ -31,6 +31,7 @@ def test_above_laplace_max_dim_the_guide_holds_no_d_by_d_tensor_and_climbs_k_sta
     assert maps.diagonal and maps.matrix.shape == (D,) and maps.vectors.shape == (D, 8)
     tensors = list(guide.parameters()) + list(guide.buffers())
     assert not any(t.dim() >= 2 and t.shape[-2:] == (D, D) for t in tensors)
+    assert guide._precise is None  # the set-up's float64 copy of the data is not kept
     # Below the limit the start is the dense Laplace one, from 8 K starts.
     small = AutoCWM(linear, num_components=K)
     with torch.no_grad():

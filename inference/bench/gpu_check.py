@@ -230,7 +230,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         vi = ["--step-cost-components", "2,4,8,16", "--step-cost-steps", "100"]
         scale = ["--dims", "100000"]
         density = []
-        caps = {"pytest": 120, "em": 150, "vi": 100, "scale": 150, "probe": 60}
+        caps = {"pytest": 120, "em": 150, "vi": 100, "scale": 200, "probe": 60}
         max_epochs = DENSITY_MAX_EPOCHS
     flows = "cwm,realnvp,nsf"
 

@@ -151,25 +151,18 @@ def read_pytest(out: Path, log: Path) -> dict:
     return counts
 
 
-def read_em(family: str) -> Callable[[Path, Path], dict]:
+def read_rows(name: str, key: str | None = None) -> Callable[[Path, Path], dict]:
+    """A reader of a benchmark's rows: from its JSON file ``name`` (under ``key`` where the
+    file holds more), else the JSON lines of its log (a run cut short)."""
+
     def read(out: Path, log: Path) -> dict:
-        path = out / f"em-{family}.json"
-        rows = json.loads(path.read_text()) if path.exists() else json_lines(log)
-        return {"rows": rows}
+        path = out / name
+        if not path.exists():
+            return {"rows": json_lines(log)}
+        saved = json.loads(path.read_text())
+        return {"rows": saved[key] if key else saved}
 
     return read
-
-
-def read_vi(out: Path, log: Path) -> dict:
-    path = out / "vi-step-cost.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else json_lines(log)
-    return {"rows": rows}
-
-
-def read_scale(out: Path, log: Path) -> dict:
-    path = out / "scale.json"
-    rows = json.loads(path.read_text()) if path.exists() else json_lines(log)
-    return {"rows": rows}
 
 
 def read_density(folder: str) -> Callable[[Path, Path], dict]:
@@ -263,7 +256,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         *(
             Stage(
                 f"em_{family}", f"EM {family}, {em_title(family)}, {em_iters[family]} iterations",
-                em(family), caps["em"], 30, read_em(family), (f"em-{family}.json",),
+                em(family), caps["em"], 30, read_rows(f"em-{family}.json"), (f"em-{family}.json",),
             )
             for family in ("diag", "full")
         ),
@@ -272,14 +265,14 @@ def plan(args: argparse.Namespace) -> list[Stage]:
             ["-m", "inference.bench.vi", "--step-cost", "--step-cost-targets",
              "eight_schools,linreg100", *vi, "--device", device,
              "--out", str(out / "vi-step-cost.json")],
-            caps["vi"], 30, read_vi, ("vi-step-cost.json",),
+            caps["vi"], 30, read_rows("vi-step-cost.json", "rows"), ("vi-step-cost.json",),
         ),
         Stage(
             "scale", "AutoCWM at scale, linear regression",
             ["-m", "inference.bench.scale", "--targets", "linear", *scale,
              "--methods", "AutoCWM,AutoNormal,AutoLowRankMVN", "--threads", threads,
              "--device", device, "--out", str(out / "scale.json")],
-            caps["scale"], 30, read_scale, ("scale.json",),
+            caps["scale"], 30, read_rows("scale.json"), ("scale.json",),
         ),
         Stage(
             "density_probe", "image density, 1-epoch probe",

@@ -136,6 +136,15 @@ def warm_torch_optim() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
+def timed_setup(guide, data, device: str) -> float:
+    """Seconds of the guide's first call (its set-up)."""
+    started = time.perf_counter()
+    with torch.no_grad(), torch.device(device):
+        guide(*data)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 def run_one(target: str, dim: int, method: str, args) -> dict:
     """One fit in this process: set-up, steps (``args.steps``, or the wall time
     ``args.budget`` in seconds), memory and, for ``linear``, accuracy."""
@@ -145,11 +154,7 @@ def run_one(target: str, dim: int, method: str, args) -> dict:
     baseline = peak_mb(args.device)
     pyro.set_rng_seed(0)
     guide = make_guide(method, model)
-    started = time.perf_counter()
-    with torch.no_grad(), torch.device(args.device):
-        guide(*data)  # the set-up: parameters, and AutoCWM's start
-    synchronize(args.device)
-    setup_s = time.perf_counter() - started
+    setup_s = timed_setup(guide, data, args.device)  # parameters, and AutoCWM's start
     steps = args.steps
     if args.budget is not None:  # the same wall time as AutoCWM's set-up and fit
         fit_svi(model, guide, *data, num_steps=5, progress=False)  # warm-up
@@ -190,15 +195,6 @@ def run_one(target: str, dim: int, method: str, args) -> dict:
             sd_ratio_max=ratio.max().item(),
         )
     return row
-
-
-def timed_setup(guide, data, device: str) -> float:
-    """Seconds of the guide's first call (its set-up)."""
-    started = time.perf_counter()
-    with torch.no_grad(), torch.device(device):
-        guide(*data)
-    synchronize(device)
-    return time.perf_counter() - started
 
 
 def step_cost(target: str, dim: int, args, rounds: int = 5) -> dict:

@@ -52,7 +52,7 @@ from pyro_cwm.guides.log_joint import (
 from pyro_cwm.guides.rao_blackwell import ImageDelta, sample_components
 from pyro_cwm.nn.checks import check_positive_int
 from pyro_cwm.nn.cwm import CWM
-from pyro_cwm.nn.maps import PreconditionedMaps
+from pyro_cwm.nn.maps import MAP_PRESETS, PreconditionedMaps
 
 
 def init_to_prior_sample(site: dict | None = None, radius: float = 2.0):
@@ -64,7 +64,7 @@ def init_to_prior_sample(site: dict | None = None, radius: float = 2.0):
 
 
 LOC_SCALE = "location_scale"
-AUTO_FLOW = ("flow", {"flow": "iaf"})
+AUTO_FLOW = MAP_PRESETS["iaf"]
 """The maps ``map="auto"`` picks for a funnel or a far from Gaussian mode: one
 autoregressive flow after the components, shared by them (``FlowMaps(flow="iaf")``,
 two transforms), whose draws and density at the draws cost one pass per transform."""

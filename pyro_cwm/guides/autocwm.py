@@ -49,7 +49,7 @@ from pyro_cwm.guides.log_joint import (
     unconstrained_log_joint,
     with_improper_fallback,
 )
-from pyro_cwm.guides.rao_blackwell import ImageDelta, sample_components
+from pyro_cwm.guides.rao_blackwell import ImageDelta, _sample_components
 from pyro_cwm.nn.checks import check_positive_int
 from pyro_cwm.nn.cwm import CWM
 from pyro_cwm.nn.maps import MAP_PRESETS, PreconditionedMaps
@@ -172,6 +172,7 @@ class AutoCWM(AutoContinuous):
         self._laplace_rank = check_positive_int("laplace_rank", laplace_rank)
         self._best_is_mode = False
         self.laplace_misfit: float | None = None
+        self._image_log_weights: torch.Tensor | None = None  # set by sample_latent
         # Enumerated discrete sites are summed out by the ELBO, not guided.
         super().__init__(
             poutine.block(model, hide_fn=is_enumerated),
@@ -192,7 +193,7 @@ class AutoCWM(AutoContinuous):
         # As AutoGuide drops its model: the model (maybe a local function) and the caches
         # built from it (closures, routes keyed by the model) are not part of the guide.
         state = dict(super().__getstate__())
-        for key in ("_raw_model_ref", "_log_joint_routes", "_precise"):
+        for key in ("_raw_model_ref", "_log_joint_routes", "_precise", "_image_log_weights"):
             state.pop(key, None)
         return state
 
@@ -763,7 +764,12 @@ class AutoCWM(AutoContinuous):
         """
         posterior = self.get_posterior(*args, **kwargs)
         name = self._pyro_name
-        latent, log_density = sample_components(posterior, f"_{name}_base", f"_{name}_component")
+        latent, log_density, log_weights = _sample_components(
+            posterior, f"_{name}_base", f"_{name}_component"
+        )
+        # The K images' weights (None where one image is drawn), for a guide list's local
+        # part, whose centre must follow the mixture's mass (AutoLocalNormal).
+        self._image_log_weights = None if log_weights is None else log_weights.detach()
         return pyro.sample(
             f"_{name}_latent",
             dist.Delta(latent, log_density=log_density, event_dim=1),

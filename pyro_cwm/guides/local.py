@@ -24,8 +24,9 @@ class AutoLocalNormal(AutoNormal):
     For the unconstrained value u of a local site in group i (event entries e),
     ``u_ie ~ N(loc_ie + a_e . (g - c), scale_ie exp(b_e . (g - c)))``: g is the
     unconstrained vector of the global sites that ``given`` drew in the same guide call,
-    c a running mean of those draws (each move of c is absorbed by loc and scale, so q
-    stays the same), and a, b are shared by the groups, so every minibatch informs them.
+    c a running mean of those draws (an AutoCWM's K images weighted by its classifier;
+    each move of c is absorbed by loc and scale, so q stays the same), and a, b are
+    shared by the groups, so every minibatch informs them.
     With a, b = 0 (the start) it is ``AutoNormal``; a linear mean covers the conditionals
     of a Gaussian hierarchy exactly, so the globals' marginals lose mean field's
     shrinkage (in the spirit of Pyro's ``AutoHierarchicalNormalMessenger`` and
@@ -61,11 +62,14 @@ class AutoLocalNormal(AutoNormal):
         super().__init__(model, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self._given = weakref.ref(given)
         self._drawn: dict | None = None
+        self._drawn_log_weights: torch.Tensor | None = None
         self._fresh = False
         given.register_forward_hook(self._record)
 
     def _record(self, module, args, output) -> None:
         self._drawn, self._fresh = output, True
+        # An AutoCWM's K images under enumeration, and their weights w_k(u).
+        self._drawn_log_weights = getattr(module, "_image_log_weights", None)
 
     def _read_structure(self) -> None:
         """The global sites, and the number of plate dimensions of the model."""
@@ -143,9 +147,21 @@ class AutoLocalNormal(AutoNormal):
             # The centre follows the globals' mean, so the weights act around it and not
             # through an offset that the locations and scales could equally absorb.
             with torch.no_grad():
-                drawn = self._globals.reshape(-1, self._globals.shape[-1]).mean(0)
+                drawn = self._mean_draw(self._globals.detach())
                 self._recentre(self.globals_center.lerp(drawn, CENTER_RATE))
         return super().forward(*args, **kwargs)
+
+    def _mean_draw(self, globals_: torch.Tensor) -> torch.Tensor:
+        """The mean (G,) of this call's global draws (*extra, G); K images of an AutoCWM
+        weighted by its classifier: an image without weight (a component left far from
+        the mass) must not pull the centre away from where q is."""
+        log_weights = self._drawn_log_weights
+        if log_weights is None or globals_.dim() < 2 or globals_.shape[0] != log_weights.shape[0]:
+            return globals_.reshape(-1, globals_.shape[-1]).mean(0)
+        k = log_weights.shape[0]
+        weights = log_weights.reshape(k, -1).exp().mean(1).to(globals_.dtype)
+        images = globals_.reshape(k, -1, globals_.shape[-1]).mean(1)
+        return (weights @ images) / weights.sum()
 
     @torch.no_grad()
     def _recentre(self, center: torch.Tensor) -> None:

@@ -147,6 +147,18 @@ def sample_components(
     detached (the path derivative of Roeder, Wu and Duvenaud 2017); the weights
     ``w_k(u)`` keep their gradient.
     """
+    image, log_density, _ = _sample_components(posterior, base_name, component_name, path_gradient)
+    return image, log_density
+
+
+def _sample_components(
+    posterior: ClassifierWeightedMixture,
+    base_name: str,
+    component_name: str,
+    path_gradient: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``sample_components``, and under enumeration the images' log-weights ``log w_k(u)``
+    (the image's shape without its last dimension; None otherwise)."""
     reference = posterior.reference.expand(posterior.batch_shape)
     u = pyro.sample(base_name, reference, infer={"is_auxiliary": True})
     images = posterior.maps(u, posterior.context)  # (*b, K, d)
@@ -169,7 +181,7 @@ def sample_components(
         log_w_k = log_w.gather(-1, k[..., None]).squeeze(-1)
     log_q = path_log_prob(posterior, image) if path_gradient else posterior.log_prob(image)
     log_density = log_q - reference.log_prob(u) - log_w_k
-    return image, log_density
+    return image, log_density, (log_w_k if k.dim() > batch_dims else None)
 
 
 def _cwm_of(site_name: str, fn) -> ClassifierWeightedMixture | None:

@@ -185,3 +185,26 @@ def test_an_autocwm_that_climbs_its_density_does_not_travel():
     guide = AutoCWM(hierarchical, num_components=3)
     guide(y)
     assert not bool(guide.travelling)
+
+
+def test_the_centre_follows_the_weighted_images_of_autocwm():
+    # Components left far from the mass with no weight must not pull the centre: off the
+    # mass, the weights a, b act through an offset that loc and scale also absorb, and
+    # drift along it (the zoo's hierarchy: b to -0.4 and mu's sd ratio to 0.85).
+    y = data()[..., 0]
+    pyro.set_rng_seed(0)
+    guide, given, local = guide_list(hierarchical, AutoCWM, num_components=3)
+    guide(y)
+    mass, away = 1.5, -20.0
+    given.cwm.set_gaussian_mixture(
+        torch.tensor([1.0, 1e-6, 1e-6]),
+        torch.tensor([[mass], [away], [away]]),
+        torch.full((3, 1), 0.1),
+    )
+    with torch.no_grad():
+        local.globals_center.fill_(mass)
+    elbo = CWMELBO(classifier_warmup=0)
+    for _ in range(20):
+        elbo.loss_and_grads(hierarchical, guide, y)
+    # Unweighted, each step would move it 1% of the way to the images' mean (-12.8).
+    assert local.globals_center.item() == pytest.approx(mass, abs=0.05)

@@ -169,7 +169,8 @@ def _sample_components(
         infer={"enumerate": "parallel", "is_auxiliary": True},
     )
     batch_dims = log_w.dim() - 1
-    if k.dim() > batch_dims:  # enumerated: k = arange(K) along a dimension left of u's
+    enumerated = k.dim() > batch_dims  # k = arange(K) along a dimension left of u's
+    if enumerated:
         pad = (1,) * (k.dim() - 1 - batch_dims)
         image = images.movedim(-2, 0).reshape(
             images.shape[-2:-1] + pad + images.shape[:-2] + images.shape[-1:]
@@ -181,7 +182,7 @@ def _sample_components(
         log_w_k = log_w.gather(-1, k[..., None]).squeeze(-1)
     log_q = path_log_prob(posterior, image) if path_gradient else posterior.log_prob(image)
     log_density = log_q - reference.log_prob(u) - log_w_k
-    return image, log_density, (log_w_k if k.dim() > batch_dims else None)
+    return image, log_density, (log_w_k if enumerated else None)
 
 
 def _cwm_of(site_name: str, fn) -> ClassifierWeightedMixture | None:
